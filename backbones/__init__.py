@@ -1,0 +1,24 @@
+"""ResBone backbones: the ResNet family, its registry, FPN and weights."""
+
+from . import resnet_variants  # noqa: F401  (registers the family)
+from .features import FeatureInfo
+from .layers import NORMS, convert_sync_batchnorm, get_norm_layer
+from .registry import create_backbone, create_model, list_backbones, register_backbone
+from .resnet import ResNet
+from .weights import WEIGHTS, WeightsError, load_state_dict, load_weights
+
+__all__ = [
+    "FeatureInfo",
+    "NORMS",
+    "ResNet",
+    "WEIGHTS",
+    "WeightsError",
+    "convert_sync_batchnorm",
+    "create_backbone",
+    "create_model",
+    "get_norm_layer",
+    "list_backbones",
+    "load_state_dict",
+    "load_weights",
+    "register_backbone",
+]

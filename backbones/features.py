@@ -1,0 +1,46 @@
+"""The shape contract between a backbone and whatever reads its features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["FeatureInfo", "feature_name", "feature_stride", "OUTPUT_STRIDES"]
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One output of a backbone: its dict key, channel count and stride w.r.t. the input."""
+
+    name: str
+    channels: int
+    stride: int
+
+
+def feature_name(index: int) -> str:
+    """The key of output `index`: 0 is the stem (`stem`), 1 to 4 are the stages (`c2` to `c5`)."""
+    return "stem" if index == 0 else f"c{index + 1}"
+
+
+def feature_stride(index: int) -> int:
+    """The nominal stride of output `index` without dilation: 2, 4, 8, 16, 32."""
+    return 2 ** (index + 1)
+
+
+def check_out_indices(out_indices: tuple[int, ...], num_outputs: int = 5) -> tuple[int, ...]:
+    out_indices = tuple(out_indices)
+    if not out_indices or any(not 0 <= i < num_outputs for i in out_indices) or sorted(set(out_indices)) != list(
+        out_indices
+    ):
+        raise ValueError(
+            f"out_indices={out_indices}; choose increasing indices in 0..{num_outputs - 1} "
+            "(0 = stem, 1..4 = stages c2..c5)"
+        )
+    return out_indices
+
+
+def check_output_stride(output_stride: int) -> int:
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride={output_stride}; choose 8, 16 or 32")
+    return output_stride

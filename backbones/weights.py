@@ -1,0 +1,162 @@
+"""Weight loading: named tags, URLs checked against their hash, local files and our own checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import urllib.error
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .weights_table import WEIGHTS, WeightsSpec
+
+__all__ = ["WEIGHTS", "WeightsSpec", "WeightsError", "load_weights", "load_state_dict", "fetch_weights"]
+
+logger = logging.getLogger(__name__)
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.\w+$")  # torch hub's convention: name-<sha256 prefix>.pth
+_URL_SCHEMES = ("http://", "https://", "file://")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be found, read or fitted to the model."""
+
+
+def cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def fetch_weights(weights: str | os.PathLike) -> Path:
+    """Resolves a tag, URL or path to a local file, downloading into the torch hub cache if needed."""
+    weights = str(weights)
+    if weights in WEIGHTS:
+        return _download(WEIGHTS[weights].url, tag=weights)
+    if weights.startswith(_URL_SCHEMES):
+        return _download(weights)
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return path
+    if "." in weights and not path.suffix and "/" not in weights:
+        arch = weights.split(".", 1)[0]
+        known = sorted(t for t in WEIGHTS if t.startswith(arch + "."))
+        raise WeightsError(f"unknown weights tag {weights!r}; tags for {arch}: {', '.join(known) or 'none'}")
+    raise FileNotFoundError(f"weights file {str(path)!r} does not exist (nor is it a known tag or a URL)")
+
+
+def _download(url: str, tag: str | None = None) -> Path:
+    file_name = url.rsplit("/", 1)[-1]
+    match = _HASH_IN_NAME.search(file_name)
+    if match is None:
+        raise WeightsError(
+            f"the URL {url!r} has no SHA-256 prefix in its file name (name-<hash>.pth), so it cannot be "
+            "checked; download it yourself and pass the local path"
+        )
+    target = cache_dir() / file_name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading %s to %s", url, target)
+    try:
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=match.group(1), progress=False)
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        what = f"weights {tag!r}" if tag else "weights"
+        raise WeightsError(
+            f"could not download {what} from {url} ({error}). Offline? Fetch that file on a machine with "
+            f"internet and put it at {target}, or pass weights='/path/to/{file_name}'"
+        ) from error
+    except RuntimeError as error:  # torch hub's hash mismatch; it already removed the partial file
+        raise WeightsError(f"{url}: {error}") from error
+    return target
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Reads a state dict with `weights_only=True`; unwraps Lightning and whole-model checkpoints."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise WeightsError(
+            f"refused to load {str(path)!r}: it is not a plain weights file (torch.load with weights_only=True "
+            f"rejects objects that could run code): {str(error).splitlines()[0]}"
+        ) from error
+    except (RuntimeError, EOFError) as error:
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {error}") from error
+    for key in ("state_dict", "model", "module"):  # Lightning, torchvision references, DDP wrappers
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+        raise WeightsError(f"{str(path)!r} holds no state dict of tensors")
+    return checkpoint
+
+
+def _align_prefix(state_dict: dict[str, Tensor], model_keys: list[str]) -> dict[str, Tensor]:
+    """Strips or adds the prefix that separates checkpoint keys from model keys (`model.backbone.`, `body.`)."""
+    if not model_keys or model_keys[0] in state_dict:
+        return state_dict
+    anchor = model_keys[0]
+    parts = anchor.split(".")
+    for cut in range(len(parts) - 1):  # the longest suffix of the anchor key found in the checkpoint
+        suffix = ".".join(parts[cut:])
+        hits = [k for k in state_dict if k == suffix or k.endswith("." + suffix)]
+        if hits:
+            ckpt_prefix = min(hits, key=len)[: -len(suffix)]
+            model_prefix = anchor[: -len(suffix)]
+            return {
+                model_prefix + k[len(ckpt_prefix) :]: v for k, v in state_dict.items() if k.startswith(ckpt_prefix)
+            }
+    return state_dict
+
+
+def load_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor], *, head_prefixes: tuple[str, ...] = (), source: str = "weights"
+) -> None:
+    """Loads `state_dict` strictly, with errors that name every missing, unexpected or misshapen key.
+
+    Keys under a top-level module the model does not have (a classifier's `fc` for a backbone, the
+    stages a backbone left out) are dropped. Keys under `head_prefixes` that are missing or of another
+    shape leave the head as initialised, with a warning (fine-tuning to another number of classes).
+    """
+    if hasattr(model, "convert_state_dict"):
+        state_dict = model.convert_state_dict(state_dict)
+    own = model.state_dict()
+    state_dict = _align_prefix(state_dict, list(own))
+    top_level = {k.split(".", 1)[0] for k in own}
+    state_dict = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in top_level}
+
+    def is_head(key: str) -> bool:
+        return key.startswith(head_prefixes) if head_prefixes else False
+
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in own and not k.endswith("num_batches_tracked")]
+    head_issues = [m[0] for m in mismatched if is_head(m[0])] + [k for k in missing if is_head(k)]
+    mismatched = [m for m in mismatched if not is_head(m[0])]
+    missing = [k for k in missing if not is_head(k)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    if mismatched:
+        shapes = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:20])
+        problems.append(f"shape mismatches ({len(mismatched)}): {shapes}")
+    if problems:
+        raise WeightsError(f"{source} do not fit {type(model).__name__}: " + " | ".join(problems))
+    if head_issues:
+        logger.warning("%s: head left as initialised for %s", source, ", ".join(head_issues))
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_issues}
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike, *, head_prefixes: tuple[str, ...] = ()) -> nn.Module:
+    """Loads a weights tag (`resnet50.tv_in1k`), a URL or a local file into `model`, strictly.
+
+    Accepts torchvision and timm state dicts, whole-model classification checkpoints (the fc is
+    dropped for a backbone) and Lightning checkpoints (the `state_dict`, with its prefix stripped).
+    """
+    path = fetch_weights(weights)
+    load_state_dict(model, read_state_dict(path), head_prefixes=head_prefixes, source=f"weights {str(weights)!r}")
+    return model

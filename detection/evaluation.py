@@ -1,0 +1,463 @@
+"""COCO mAP evaluation of boxes and instance masks.
+
+:class:`COCOEvaluator` follows detectron2's ``DatasetEvaluator`` and torchmetrics: ``reset()``, ``update()`` with
+each batch of torchvision-style predictions, ``compute()`` once per epoch. Under ``torch.distributed`` the results
+of every rank are gathered first, so every rank returns the same metrics.
+
+The module-level helpers are the single code path shared with ``tools/eval_det.py``, which scores a results JSON
+written by any detector.
+
+Example:
+    >>> evaluator = COCOEvaluator(annotations="instances_val.json", iou_types=("bbox", "segm"))
+    >>> evaluator.update(model(images), [t["image_id"] for t in targets])  # doctest: +SKIP
+    >>> evaluator.compute()["bbox_AP"]  # doctest: +SKIP
+    0.412
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+logger = logging.getLogger(__name__)
+
+IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
+# Names of COCOeval.stats[0..11], in order.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def resolve_backend(backend: str) -> str:
+    """Return the COCOeval implementation to use: ``"pycocotools"`` or ``"faster_coco_eval"``.
+
+    ``"auto"`` picks faster_coco_eval when it is importable (about 6x faster, same numbers), else pycocotools.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {', '.join(repr(b) for b in BACKENDS)}")
+    if backend != "auto":
+        return backend
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        return "pycocotools"
+    return "faster_coco_eval"
+
+
+def check_iou_types(iou_types: Iterable[str]) -> tuple[str, ...]:
+    """Return ``iou_types`` as a tuple without repeats, or raise a ValueError naming the bad value."""
+    iou_types = tuple(dict.fromkeys([iou_types] if isinstance(iou_types, str) else iou_types))
+    unknown = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown or not iou_types:
+        raise ValueError(f"iou_types={iou_types!r}; choose one or more of {IOU_TYPES}")
+    return iou_types
+
+
+def load_ground_truth(annotations: str | os.PathLike | Any, backend: str = "auto") -> Any:
+    """Load a COCO ground-truth file (or convert a COCO object) for ``backend``.
+
+    Args:
+        annotations: Path to an instances JSON, or a pycocotools / faster_coco_eval ``COCO`` object.
+        backend: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"``.
+
+    Returns:
+        The backend's ``COCO`` object. A COCO object of the other backend is converted from a deep copy of its
+        dataset, since both COCOeval implementations write into the ground-truth annotations.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file is not JSON, or not a COCO instances file.
+    """
+    backend = resolve_backend(backend)
+    if hasattr(annotations, "dataset"):
+        if isinstance(annotations, _coco_class(backend)):
+            return annotations
+        return _build_coco(copy.deepcopy(annotations.dataset), backend)
+    dataset = read_json(annotations)
+    if not isinstance(dataset, dict) or not {"images", "categories"} <= dataset.keys():
+        raise ValueError(f"{annotations}: not a COCO instances file (needs 'images' and 'categories')")
+    dataset.setdefault("annotations", [])
+    return _build_coco(dataset, backend)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path) as file:
+        try:
+            return json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: malformed JSON ({error})") from None
+
+
+def to_coco_results(
+    predictions: Sequence[Mapping[str, Any]],
+    image_ids: Sequence[int],
+    label_to_category_id: Mapping[int, int] | None = None,
+    iou_types: Iterable[str] = ("bbox",),
+    *,
+    mask_threshold: float = 0.5,
+) -> list[dict]:
+    """Convert torchvision-style predictions to COCO results.
+
+    Args:
+        predictions: One dict per image with ``boxes`` (N, 4) XYXY in original image pixels, ``scores`` (N,),
+            ``labels`` (N,) and, for ``"segm"``, ``masks``: (N, 1, H, W) probabilities or (N, H, W) bool/uint8.
+            Tensors (on any device) or arrays.
+        image_ids: The COCO image id of each prediction.
+        label_to_category_id: Model label -> COCO category id; ``None`` means labels are category ids.
+        iou_types: ``"segm"`` adds an RLE ``segmentation`` to each result.
+        mask_threshold: Probability above which a mask pixel is foreground.
+
+    Returns:
+        One dict per detection: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score`` and, for
+        ``"segm"``, ``segmentation`` {"size": [H, W], "counts": str}; plain Python values, ready for JSON.
+    """
+    if len(predictions) != len(image_ids):
+        raise ValueError(f"{len(predictions)} predictions for {len(image_ids)} image ids; pass one id per image")
+    with_masks = "segm" in check_iou_types(iou_types)
+    results = []
+    for prediction, image_id in zip(predictions, image_ids):
+        results += _image_results(prediction, image_id, label_to_category_id, with_masks, mask_threshold)
+    return results
+
+
+def _image_results(prediction, image_id, label_to_category_id, with_masks, mask_threshold) -> list[dict]:
+    boxes = _to_numpy(prediction["boxes"]).astype(np.float64).reshape(-1, 4)
+    boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
+    category_ids = [_category_id(label, label_to_category_id) for label in _to_numpy(prediction["labels"]).tolist()]
+    results = [
+        {"image_id": int(image_id), "category_id": category_id, "bbox": box, "score": score}
+        for category_id, box, score in zip(category_ids, boxes.tolist(), _to_numpy(prediction["scores"]).tolist())
+    ]
+    if with_masks:
+        if "masks" not in prediction:
+            raise ValueError(f"iou type 'segm' needs 'masks' in the predictions; image {image_id} has none")
+        for result, rle in zip(results, encode_masks(binarize_masks(prediction["masks"], mask_threshold))):
+            result["segmentation"] = rle
+    return results
+
+
+def _category_id(label: int, label_to_category_id: Mapping[int, int] | None) -> int:
+    if label_to_category_id is None:
+        return int(label)
+    if label not in label_to_category_id:
+        raise ValueError(f"label {label} is not in label_to_category_id (labels: {sorted(label_to_category_id)})")
+    return int(label_to_category_id[label])
+
+
+def binarize_masks(masks: Any, threshold: float = 0.5) -> np.ndarray:
+    """Turn (N, 1, H, W) probabilities or (N, H, W) bool/uint8/float masks into an (N, H, W) uint8 array."""
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    if str(masks.dtype).removeprefix("torch.") not in ("bool", "uint8"):
+        masks = masks > threshold  # thresholded where the masks live, so a GPU sends 1 byte a pixel
+    return _to_numpy(masks).astype(np.uint8, copy=False)
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """Encode (N, H, W) binary masks as compressed RLEs whose ``counts`` is a str (JSON-serialisable)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8, copy=False)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def validate_results(results: Any, coco_gt: Any, iou_types: Iterable[str] = ("bbox",), *, source="results") -> None:
+    """Raise a ValueError naming the first result that COCOeval cannot score against ``coco_gt``.
+
+    Checks the structure (a list of dicts with ``image_id``, ``category_id``, ``score`` and the fields of each
+    iou type), that each ``image_id`` is an image and each ``category_id`` a category of the annotations.
+    """
+    if not isinstance(results, list):
+        raise ValueError(f"{source}: expected a list of results, got {type(results).__name__}")
+    required = {"image_id", "category_id", "score"} | {_RESULT_FIELD[t] for t in check_iou_types(iou_types)}
+    image_ids, category_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    for index, result in enumerate(results):
+        if not isinstance(result, dict) or not required <= result.keys():
+            missing = sorted(required - result.keys()) if isinstance(result, dict) else sorted(required)
+            raise ValueError(f"{source}: result {index} lacks {', '.join(missing)}")
+        if result["image_id"] not in image_ids:
+            raise ValueError(f"{source}: result {index} has image_id {result['image_id']!r}, not in the annotations")
+        if result["category_id"] not in category_ids:
+            raise ValueError(
+                f"{source}: result {index} has category_id {result['category_id']!r}, "
+                f"not among the annotation categories {sorted(category_ids)}"
+            )
+
+
+_RESULT_FIELD = {"bbox": "bbox", "segm": "segmentation"}
+
+
+def evaluate_results(
+    coco_gt: Any, results: list[dict], iou_type: str, backend: str = "auto", *, verbose: bool = True
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Score COCO results against the ground truth on every image of ``coco_gt``.
+
+    Args:
+        coco_gt: Ground truth, a pycocotools or faster_coco_eval ``COCO`` (converted if it is the other one).
+        results: COCO results, as from :func:`to_coco_results`; not modified.
+        iou_type: ``"bbox"`` or ``"segm"``.
+        backend: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"``.
+        verbose: Print COCOeval's 12-line summary and log the per-category table.
+
+    Returns:
+        ``{f"{iou_type}_{name}": value}`` for the 12 names of :data:`STAT_NAMES` (COCOeval's -1, "no ground truth
+        of that size", becomes nan), and ``{category name: AP}`` (nan for a category without ground truth).
+        Without any result every value is 0.0 and a warning is issued: pycocotools cannot load an empty list.
+    """
+    (iou_type,) = check_iou_types([iou_type])
+    backend = resolve_backend(backend)
+    coco_gt = load_ground_truth(coco_gt, backend)
+    if not results:
+        warnings.warn(f"no detections to evaluate: every {iou_type} metric is 0.0", stacklevel=2)
+        categories = coco_gt.loadCats(coco_gt.getCatIds())
+        return {f"{iou_type}_{name}": 0.0 for name in STAT_NAMES}, dict.fromkeys(_category_names(categories), 0.0)
+    coco_eval, summary = _run_cocoeval(coco_gt, results, iou_type, backend)
+    stats = {f"{iou_type}_{name}": _nan_if_missing(s) for name, s in zip(STAT_NAMES, coco_eval.stats[:12])}
+    per_category = _per_category_ap(coco_eval, coco_gt)
+    if verbose:
+        print(f"COCO {iou_type} evaluation ({backend}, {len(results)} detections):\n{summary}")
+        logger.info("%s", format_per_category_table(per_category, iou_type))
+    return stats, per_category
+
+
+def _run_cocoeval(coco_gt: Any, results: list[dict], iou_type: str, backend: str) -> tuple[Any, str]:
+    """Run evaluate, accumulate and summarize; return the COCOeval object and the summary text."""
+    # Fresh dicts because loadRes writes into them. Masks are scored without their box: otherwise COCOeval takes
+    # the box area as the instance area, and the small/medium/large split differs from the mask's (detectron2).
+    fields = ("image_id", "category_id", "score", _RESULT_FIELD[iou_type])
+    results = [{key: result[key] for key in fields} for result in results]
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCOeval_faster
+
+        lines = []
+        coco_eval = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iou_type, print_function=lines.append)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        del lines[:]
+        coco_eval.summarize()
+        return coco_eval, "\n".join(lines)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on every step
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()) as summary:
+        coco_eval.summarize()
+    return coco_eval, summary.getvalue().rstrip("\n")
+
+
+def _per_category_ap(coco_eval: Any, coco_gt: Any) -> dict[str, float]:
+    precision = coco_eval.eval["precision"]  # (iou thresholds, recall thresholds, categories, areas, max dets)
+    category_ids = [int(c) for c in coco_eval.params.catIds]
+    names = _category_names(coco_gt.loadCats(category_ids))
+    aps = {}
+    for index, name in enumerate(names):
+        valid = precision[:, :, index, 0, -1]  # area "all", 100 detections
+        valid = valid[valid > -1]
+        aps[name] = float(valid.mean()) if valid.size else math.nan
+    return aps
+
+
+def _category_names(categories: list[dict]) -> list[str]:
+    """Category names, with the id appended where two categories share a name."""
+    names = [c.get("name", str(c["id"])) for c in categories]
+    return [f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)]
+
+
+def format_per_category_table(per_category: Mapping[str, float], iou_type: str) -> str:
+    """Format ``{category name: AP}`` as an aligned two-column text table."""
+    width = max([len("category"), *map(len, per_category)])
+    rows = [f"Per-category {iou_type} AP:", f"{'category':<{width}}  AP"]
+    rows += [f"{name:<{width}}  {ap:.3f}" for name, ap in per_category.items()]
+    return "\n".join(rows)
+
+
+def _nan_if_missing(stat: float) -> float:
+    return math.nan if stat < 0 else float(stat)
+
+
+def _coco_class(backend: str) -> type:
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO as FasterCOCO
+
+        return FasterCOCO
+    return COCO
+
+
+def _build_coco(dataset: dict, backend: str) -> Any:
+    coco = _coco_class(backend)()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    # Duck-typed so that scoring a JSON file (tools/eval_det.py) does not pay for importing torch.
+    if hasattr(values, "detach"):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+class COCOEvaluator:
+    """COCO box and mask AP of a detector over a dataset, for single- and multi-process evaluation.
+
+    Args:
+        annotations: Ground-truth instances JSON path, or a pycocotools ``COCO`` object.
+        iou_types: Any of ``"bbox"``, ``"segm"``.
+        label_to_category_id: Contiguous model label -> COCO category id; ``None`` for the identity.
+        backend: ``"pycocotools"``, ``"faster_coco_eval"`` or ``"auto"`` (faster_coco_eval when importable).
+        mask_threshold: Probability above which a predicted mask pixel is foreground.
+
+    Every image of the annotation file is evaluated: an image that got no update counts as one without
+    detections (its objects are missed), and ``compute()`` warns how many there were.
+
+    Example:
+        >>> evaluator = COCOEvaluator(annotations="val.json", label_to_category_id={1: 1, 2: 3, 3: 7})
+        >>> evaluator.update(predictions, image_ids)  # doctest: +SKIP
+        >>> sorted(evaluator.compute())[:3]  # doctest: +SKIP
+        ['bbox_AP', 'bbox_AP50', 'bbox_AP75']
+    """
+
+    def __init__(
+        self,
+        *,
+        annotations: str | os.PathLike | COCO,
+        iou_types: Iterable[str] = ("bbox",),
+        label_to_category_id: Mapping[int, int] | None = None,
+        backend: str = "auto",
+        mask_threshold: float = 0.5,
+    ) -> None:
+        self.iou_types = check_iou_types(iou_types)
+        self.backend = resolve_backend(backend)
+        self.coco_gt = load_ground_truth(annotations, self.backend)
+        self.label_to_category_id = None if label_to_category_id is None else dict(label_to_category_id)
+        self.mask_threshold = mask_threshold
+        self._category_ids = set(self.coco_gt.getCatIds())
+        self._per_category: dict[str, dict[str, float]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every prediction seen so far."""
+        self._results_by_image: dict[int, list[dict]] = {}
+
+    def update(self, predictions: Sequence[Mapping[str, Any]], image_ids: Sequence[Any]) -> None:
+        """Add one batch of predictions.
+
+        Args:
+            predictions: Per image, torchvision's output: ``boxes`` (N, 4) XYXY in original pixels, ``scores``,
+                ``labels`` and for ``"segm"`` ``masks`` (N, 1, H, W) probabilities or (N, H, W) binary.
+            image_ids: The COCO image id of each prediction (int or one-element tensor), or the targets,
+                dicts with an ``image_id``. An image seen again (DistributedSampler pads by repeating
+                images) keeps its first predictions.
+        """
+        image_ids = [_image_id(item) for item in image_ids]
+        if len(predictions) != len(image_ids):
+            raise ValueError(f"{len(predictions)} predictions for {len(image_ids)} image ids; pass one per image")
+        for prediction, image_id in zip(predictions, image_ids):
+            if image_id not in self._results_by_image:
+                self._results_by_image[image_id] = self._convert(prediction, image_id)
+
+    def _convert(self, prediction: Mapping[str, Any], image_id: int) -> list[dict]:
+        image = self.coco_gt.imgs.get(image_id)
+        if image is None:
+            raise ValueError(f"image_id {image_id} is not an image of the annotations")
+        masks = prediction.get("masks")
+        if "segm" in self.iou_types and masks is not None and masks.shape[0]:
+            if tuple(masks.shape[-2:]) != (image["height"], image["width"]):
+                raise ValueError(
+                    f"image {image_id}: masks are {tuple(masks.shape[-2:])}, the image is "
+                    f"{(image['height'], image['width'])} (H, W); paste masks at the original image size"
+                )
+        results = to_coco_results(
+            [prediction], [image_id], self.label_to_category_id, self.iou_types, mask_threshold=self.mask_threshold
+        )
+        unknown = {result["category_id"] for result in results} - self._category_ids
+        if unknown:
+            raise ValueError(
+                f"image {image_id}: category ids {sorted(unknown)} are not among the annotation categories "
+                f"{sorted(self._category_ids)}; set label_to_category_id to map model labels to them"
+            )
+        return results
+
+    def compute(self) -> dict[str, float]:
+        """Gather the predictions of all ranks and return the metrics (the same on every rank).
+
+        Returns:
+            For each iou type, ``{iou}_AP, {iou}_AP50, {iou}_AP75, {iou}_APs, {iou}_APm, {iou}_APl, {iou}_AR1,
+            {iou}_AR10, {iou}_AR100, {iou}_ARs, {iou}_ARm, {iou}_ARl`` in [0, 1]; nan where no ground truth
+            falls in that size range. No stage prefix: the Lightning task adds it.
+        """
+        results_by_image = _first_copy_per_image(_gather_from_ranks(self._results_by_image))
+        self._warn_unseen_images(results_by_image.keys())
+        results = [result for image_results in results_by_image.values() for result in image_results]
+        verbose = _rank() == 0  # one printed summary, not one per process
+        metrics = {}
+        for iou_type in self.iou_types:
+            stats, per_category = evaluate_results(self.coco_gt, results, iou_type, self.backend, verbose=verbose)
+            metrics.update(stats)
+            self._per_category[iou_type] = per_category
+        return metrics
+
+    def per_category_ap(self, iou_type: str = "bbox") -> dict[str, float]:
+        """``{category name: AP@[.5:.95]}`` of the last ``compute()`` (nan for a category without ground truth)."""
+        if iou_type not in self._per_category:
+            raise ValueError(f"iou_type={iou_type!r} has no result; computed: {sorted(self._per_category)}")
+        return dict(self._per_category[iou_type])
+
+    def _warn_unseen_images(self, seen_image_ids: Iterable[int]) -> None:
+        unseen = set(self.coco_gt.getImgIds()) - set(seen_image_ids)
+        if unseen:
+            warnings.warn(
+                f"{len(unseen)} of {len(self.coco_gt.getImgIds())} ground-truth images got no update; "
+                "they are evaluated as images without detections",
+                stacklevel=3,
+            )
+
+
+def _image_id(item: Any) -> int:
+    if isinstance(item, Mapping):
+        item = item["image_id"]
+    return int(item)
+
+
+def _rank() -> int:
+    import torch.distributed as dist  # lazily: scoring a results file needs no torch
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gather_from_ranks(local: dict[int, list[dict]]) -> list[dict[int, list[dict]]]:
+    """The ``local`` object of every rank, in rank order; ``[local]`` outside a multi-process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def _first_copy_per_image(per_rank: list[dict[int, list[dict]]]) -> dict[int, list[dict]]:
+    """Merge per-rank results by image id, keeping one copy of an image that several ranks saw."""
+    merged: dict[int, list[dict]] = {}
+    for results_by_image in per_rank:
+        for image_id, results in results_by_image.items():
+            merged.setdefault(image_id, results)
+    return merged
