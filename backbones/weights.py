@@ -29,11 +29,14 @@ def cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def fetch_weights(weights: str | os.PathLike) -> Path:
-    """Resolves a tag, URL or path to a local file, downloading into the torch hub cache if needed."""
-    weights = str(weights)
-    if weights in WEIGHTS:
-        return _download(WEIGHTS[weights].url, tag=weights)
+def fetch_weights(weights: str | os.PathLike, table: dict[str, WeightsSpec] | None = None) -> Path:
+    """Resolves a tag (of `table`, default `WEIGHTS`), URL or path to a local file.
+
+    Tags and URLs are downloaded into the torch hub cache once and checked against their hash.
+    """
+    weights, table = str(weights), WEIGHTS if table is None else table
+    if weights in table:
+        return _download(table[weights].url, tag=weights)
     if weights.startswith(_URL_SCHEMES):
         return _download(weights)
     path = Path(weights).expanduser()
@@ -41,7 +44,7 @@ def fetch_weights(weights: str | os.PathLike) -> Path:
         return path
     if "." in weights and not path.suffix and "/" not in weights:
         arch = weights.split(".", 1)[0]
-        known = sorted(t for t in WEIGHTS if t.startswith(arch + "."))
+        known = sorted(t for t in table if t.startswith(arch + "."))
         raise WeightsError(f"unknown weights tag {weights!r}; tags for {arch}: {', '.join(known) or 'none'}")
     raise FileNotFoundError(f"weights file {str(path)!r} does not exist (nor is it a known tag or a URL)")
 

@@ -1,0 +1,178 @@
+"""Faster and Mask R-CNN on any registered backbone, built from torchvision's detection parts.
+
+Presets name the usual combinations; the general form chooses the architecture, backbone, neck and
+head independently:
+
+    build_model("mask_rcnn_r50_fpn", num_classes=81)
+    build_model("faster_rcnn", num_classes=4, backbone="resnet18", neck="fpn", head="v2", norm="gn")
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from backbones import create_backbone, get_norm_layer, load_state_dict
+from backbones.fpn import FPN
+from backbones.weights import fetch_weights, read_state_dict
+
+from .weights_table import DETECTION_WEIGHTS
+
+__all__ = ["build_model", "PRESETS", "ARCHITECTURES", "NECKS", "HEADS"]
+
+ARCHITECTURES = ("faster_rcnn", "mask_rcnn")
+NECKS = ("fpn", "dc5")
+HEADS = ("v1", "v2")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "faster_rcnn_r50_fpn": dict(architecture="faster_rcnn", backbone="resnet50", neck="fpn", head="v1"),
+    # torchvision's v2 recipe keeps plain BN in the backbone (its checkpoints carry BN statistics to match)
+    "faster_rcnn_r50_fpn_v2": dict(architecture="faster_rcnn", backbone="resnet50", neck="fpn", head="v2", norm="bn"),
+    "mask_rcnn_r50_fpn": dict(architecture="mask_rcnn", backbone="resnet50", neck="fpn", head="v1"),
+    "mask_rcnn_r50_fpn_v2": dict(architecture="mask_rcnn", backbone="resnet50", neck="fpn", head="v2", norm="bn"),
+    "faster_rcnn_r50_dc5": dict(architecture="faster_rcnn", backbone="resnet50", neck="dc5", head="v1"),
+    "mask_rcnn_r50_dc5": dict(architecture="mask_rcnn", backbone="resnet50", neck="dc5", head="v1"),
+    "faster_rcnn_r101_fpn": dict(architecture="faster_rcnn", backbone="resnet101", neck="fpn", head="v1"),
+    "mask_rcnn_r101_fpn": dict(architecture="mask_rcnn", backbone="resnet101", neck="fpn", head="v1"),
+    "faster_rcnn_r18_fpn": dict(architecture="faster_rcnn", backbone="resnet18", neck="fpn", head="v1"),
+    "mask_rcnn_r18_fpn": dict(architecture="mask_rcnn", backbone="resnet18", neck="fpn", head="v1"),
+}
+
+# Keys of the class-specific layers: left as initialised when a checkpoint has another number of classes.
+HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def _choice(value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what}={value!r}; choose one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _neck(
+    neck: str, backbone: str, *, backbone_weights: str | None, norm: str, frozen_stages: int, fpn_norm: str | None,
+    backbone_kwargs: dict,
+) -> tuple[nn.Module, list[str]]:
+    """The backbone with its neck, and the feature names the RoI heads pool from."""
+    if neck == "fpn":
+        body = create_backbone(
+            backbone, weights=backbone_weights, norm=norm, frozen_stages=frozen_stages, **backbone_kwargs
+        )
+        module = FPN(body, out_channels=256, top_block="maxpool", norm=fpn_norm)
+        roi_features = [info.name for info in module.feature_info[:-1]]  # p2..p5; p6 feeds the RPN only
+    else:  # dc5: C5 with dilation instead of the last stride, no FPN (detectron2's DC5)
+        module = create_backbone(
+            backbone, weights=backbone_weights, out_indices=(4,), output_stride=16, norm=norm,
+            frozen_stages=frozen_stages, **backbone_kwargs,
+        )
+        roi_features = [module.feature_info[-1].name]
+    module.out_channels = module.feature_info[-1].channels  # torchvision's heads read this attribute
+    return module, roi_features
+
+
+def _anchors(num_levels: int, sizes: Sequence[int] | None, ratios: Sequence[float]) -> AnchorGenerator:
+    sizes = tuple(sizes or (32, 64, 128, 256, 512))
+    if num_levels == 1:  # every size on the single C5 map
+        return AnchorGenerator((sizes,), (tuple(ratios),))
+    if len(sizes) != num_levels:
+        raise ValueError(f"anchor_sizes={sizes}: give one size per pyramid level ({num_levels})")
+    return AnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * num_levels)
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    weights: str | None = None,
+    backbone_weights: str | None = None,
+    backbone: str | None = None,
+    neck: str | None = None,
+    head: str | None = None,
+    norm: str | None = None,
+    frozen_stages: int | None = None,
+    fpn_norm: str | None = None,
+    head_norm: str = "bn",
+    anchor_sizes: Sequence[int] | None = None,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    resize_in_training: bool = True,
+    backbone_kwargs: dict | None = None,
+    **overrides: Any,
+) -> FasterRCNN | MaskRCNN:
+    """Builds a Faster or Mask R-CNN; torchvision's calling convention and checkpoint layout.
+
+    Args:
+        name: a preset (`PRESETS`) or an architecture, "faster_rcnn" or "mask_rcnn".
+        num_classes: including the background class, as in torchvision.
+        weights: a whole-detector checkpoint: a tag (`detection.weights_table.DETECTION_WEIGHTS`,
+            e.g. `faster_rcnn_r50_fpn.tv_coco`), a file (torchvision's or our Lightning checkpoint) or a URL.
+        backbone_weights: ImageNet weights for the backbone (a tag such as `resnet50.tv_in1k`, a file or URL).
+        backbone, neck, head: override the preset: any registered backbone (or `timm/<model>`),
+            "fpn" or "dc5", "v1" (two fc) or "v2" (4 convs + 1 fc with norm, RPN with 2 convs).
+        norm, frozen_stages: backbone norm policy. Default: with pretrained weights "frozen_bn" and 1
+            (the stem and first stage frozen, detectron2's and torchvision's practice); from scratch
+            "bn" and -1.
+        fpn_norm: norm inside the FPN (default: none for v1, "bn" for v2 as torchvision).
+        resize_in_training: False when the data pipeline has already resized training images.
+        **overrides: passed to torchvision's FasterRCNN/MaskRCNN (min_size, max_size,
+            rpn_pre_nms_top_n_train, box_batch_size_per_image, box_detections_per_img, ...).
+    """
+    settings = dict(PRESETS.get(name, {}))
+    if not settings:
+        settings["architecture"] = _choice(name, ARCHITECTURES + tuple(PRESETS), "name")
+        settings.update(backbone="resnet50", neck="fpn", head="v1")
+    settings.update({k: v for k, v in dict(backbone=backbone, neck=neck, head=head).items() if v is not None})
+    neck_name = _choice(settings["neck"], NECKS, "neck")
+    head_name = _choice(settings["head"], HEADS, "head")
+    pretrained = weights is not None or backbone_weights is not None
+    norm = norm or settings.get("norm") or ("frozen_bn" if pretrained else "bn")
+    frozen_stages = (1 if pretrained else -1) if frozen_stages is None else frozen_stages
+    if fpn_norm is None and head_name == "v2":
+        fpn_norm = "bn"
+    with warnings.catch_warnings():
+        if weights is not None:  # the whole-detector weights fill the backbone a moment later
+            warnings.filterwarnings("ignore", message=".*freeze randomly initialised weights.*")
+        body, roi_features = _neck(
+            neck_name, settings["backbone"], backbone_weights=backbone_weights, norm=norm,
+            frozen_stages=frozen_stages, fpn_norm=fpn_norm, backbone_kwargs=backbone_kwargs or {},
+        )
+    num_levels = len(body.feature_info)
+    anchor_generator = _anchors(num_levels, anchor_sizes, aspect_ratios)
+    channels = body.out_channels
+    parts: dict[str, Any] = dict(
+        rpn_anchor_generator=anchor_generator,
+        box_roi_pool=MultiScaleRoIAlign(roi_features, output_size=7, sampling_ratio=2),
+    )
+    head_norm_layer = get_norm_layer(head_norm)
+    if head_name == "v2":
+        parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
+        parts["box_head"] = FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=head_norm_layer)
+    else:
+        parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
+        parts["box_head"] = TwoMLPHead(channels * 7 * 7, 1024)
+    if settings["architecture"] == "mask_rcnn":
+        parts["mask_roi_pool"] = MultiScaleRoIAlign(roi_features, output_size=14, sampling_ratio=2)
+        mask_norm = head_norm_layer if head_name == "v2" else None
+        parts["mask_head"] = MaskRCNNHeads(channels, [256] * 4, 1, norm_layer=mask_norm)
+        model = MaskRCNN(body, num_classes=num_classes, **parts, **overrides)
+    else:
+        model = FasterRCNN(body, num_classes=num_classes, **parts, **overrides)
+    model.transform._skip_resize = not resize_in_training
+    if weights is not None:
+        load_detector_weights(model, weights)
+    return model
+
+
+def load_detector_weights(model: nn.Module, weights: str, *, fresh_heads: bool = False) -> None:
+    """Loads a whole-detector checkpoint; with `fresh_heads` the class-specific layers may differ in shape."""
+    path = fetch_weights(weights, table=DETECTION_WEIGHTS)
+    load_state_dict(
+        model, read_state_dict(path), head_prefixes=HEAD_PREFIXES if fresh_heads else (), source=f"weights {weights!r}"
+    )
