@@ -199,7 +199,11 @@ class CocoDetection(Dataset):
         self.category_names = ["__background__", *names]
         self._targets, self.num_dropped_boxes = self._select_annotations()
         if self.num_dropped_boxes:
-            logger.warning("%s: dropped %d boxes of zero width or height", self.annotations, self.num_dropped_boxes)
+            logger.warning(
+                "%s: dropped %d box(es) with zero or negative width or height inside the image",
+                self.annotations,
+                self.num_dropped_boxes,
+            )
 
     @property
     def num_classes(self) -> int:

@@ -38,6 +38,7 @@ IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
 # Names of COCOeval.stats[0..11], in order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_RESULT_FIELD = {"bbox": "bbox", "segm": "segmentation"}  # what COCOeval reads in a result, per iou type
 
 
 def resolve_backend(backend: str) -> str:
@@ -89,7 +90,10 @@ def load_ground_truth(annotations: str | os.PathLike | Any, backend: str = "auto
     if not isinstance(dataset, dict) or not {"images", "categories"} <= dataset.keys():
         raise ValueError(f"{annotations}: not a COCO instances file (needs 'images' and 'categories')")
     dataset.setdefault("annotations", [])
-    return _build_coco(dataset, backend)
+    try:
+        return _build_coco(dataset, backend)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{annotations}: not a COCO instances file ({type(error).__name__}: {error})") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -146,7 +150,10 @@ def _image_results(prediction, image_id, label_to_category_id, with_masks, mask_
     if with_masks:
         if "masks" not in prediction:
             raise ValueError(f"iou type 'segm' needs 'masks' in the predictions; image {image_id} has none")
-        for result, rle in zip(results, encode_masks(binarize_masks(prediction["masks"], mask_threshold))):
+        rles = encode_masks(binarize_masks(prediction["masks"], mask_threshold))
+        if len(rles) != len(results):
+            raise ValueError(f"image {image_id}: {len(rles)} masks for {len(results)} boxes")
+        for result, rle in zip(results, rles):
             result["segmentation"] = rle
     return results
 
@@ -182,26 +189,44 @@ def validate_results(results: Any, coco_gt: Any, iou_types: Iterable[str] = ("bb
     """Raise a ValueError naming the first result that COCOeval cannot score against ``coco_gt``.
 
     Checks the structure (a list of dicts with ``image_id``, ``category_id``, ``score`` and the fields of each
-    iou type), that each ``image_id`` is an image and each ``category_id`` a category of the annotations.
+    iou type), that each ``image_id`` is an image and each ``category_id`` a category of the annotations, and
+    that each mask is a compressed RLE of its image's size.
     """
     if not isinstance(results, list):
         raise ValueError(f"{source}: expected a list of results, got {type(results).__name__}")
-    required = {"image_id", "category_id", "score"} | {_RESULT_FIELD[t] for t in check_iou_types(iou_types)}
-    image_ids, category_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    iou_types = check_iou_types(iou_types)
+    required = {"image_id", "category_id", "score"} | {_RESULT_FIELD[t] for t in iou_types}
+    category_ids = set(coco_gt.getCatIds())
     for index, result in enumerate(results):
+        where = f"{source}: result {index}"
         if not isinstance(result, dict) or not required <= result.keys():
             missing = sorted(required - result.keys()) if isinstance(result, dict) else sorted(required)
-            raise ValueError(f"{source}: result {index} lacks {', '.join(missing)}")
-        if result["image_id"] not in image_ids:
-            raise ValueError(f"{source}: result {index} has image_id {result['image_id']!r}, not in the annotations")
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        image = coco_gt.imgs.get(result["image_id"])
+        if image is None:
+            raise ValueError(f"{where} has image_id {result['image_id']!r}, not an image of the annotations")
         if result["category_id"] not in category_ids:
             raise ValueError(
-                f"{source}: result {index} has category_id {result['category_id']!r}, "
+                f"{where} has category_id {result['category_id']!r}, "
                 f"not among the annotation categories {sorted(category_ids)}"
             )
+        if not isinstance(result["score"], (int, float)):
+            raise ValueError(f"{where} has score {result['score']!r}, not a number")
+        if "bbox" in iou_types and not _is_xywh(result["bbox"]):
+            raise ValueError(f"{where} has bbox {result['bbox']!r}, not a list [x, y, w, h]")
+        if "segm" in iou_types:
+            _check_rle(result["segmentation"], (image["height"], image["width"]), where)
 
 
-_RESULT_FIELD = {"bbox": "bbox", "segm": "segmentation"}
+def _is_xywh(box: Any) -> bool:
+    return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+
+
+def _check_rle(segmentation: Any, image_size: tuple[int, int], where: str) -> None:
+    if not isinstance(segmentation, dict) or not isinstance(segmentation.get("counts"), str):
+        raise ValueError(f"{where}: segmentation must be a compressed RLE {{'size': [H, W], 'counts': str}}")
+    if list(segmentation.get("size", ())) != list(image_size):
+        raise ValueError(f"{where}: segmentation size {segmentation.get('size')} is not the image's {list(image_size)}")
 
 
 def evaluate_results(
@@ -226,7 +251,7 @@ def evaluate_results(
     coco_gt = load_ground_truth(coco_gt, backend)
     if not results:
         warnings.warn(f"no detections to evaluate: every {iou_type} metric is 0.0", stacklevel=2)
-        categories = coco_gt.loadCats(coco_gt.getCatIds())
+        categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
         return {f"{iou_type}_{name}": 0.0 for name in STAT_NAMES}, dict.fromkeys(_category_names(categories), 0.0)
     coco_eval, summary = _run_cocoeval(coco_gt, results, iou_type, backend)
     stats = {f"{iou_type}_{name}": _nan_if_missing(s) for name, s in zip(STAT_NAMES, coco_eval.stats[:12])}
@@ -250,9 +275,9 @@ def _run_cocoeval(coco_gt: Any, results: list[dict], iou_type: str, backend: str
         coco_eval = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iou_type, print_function=lines.append)
         coco_eval.evaluate()
         coco_eval.accumulate()
-        del lines[:]
+        lines.clear()  # keep the summary only
         coco_eval.summarize()
-        return coco_eval, "\n".join(lines)
+        return coco_eval, "\n".join(lines[:12])  # pycocotools' 12 lines; it adds AR@0.5 and AR@0.75
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on every step
         coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
         coco_eval.evaluate()
@@ -406,7 +431,8 @@ class COCOEvaluator:
         """
         results_by_image = _first_copy_per_image(_gather_from_ranks(self._results_by_image))
         self._warn_unseen_images(results_by_image.keys())
-        results = [result for image_results in results_by_image.values() for result in image_results]
+        # In image-id order: score ties then break the same way whichever rank saw which image.
+        results = [result for image_id in sorted(results_by_image) for result in results_by_image[image_id]]
         verbose = _rank() == 0  # one printed summary, not one per process
         metrics = {}
         for iou_type in self.iou_types:

@@ -1,0 +1,99 @@
+"""Training helpers shared by the detection, segmentation and classification tasks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LRSchedule", "param_groups", "check_finite_losses", "SCHEDULES"]
+
+SCHEDULES = ("step", "cosine", "poly", "constant")
+
+
+class LRSchedule:
+    """A learning-rate factor per optimizer step: linear warmup, then step, cosine or poly decay.
+
+    Picklable (a plain object, not a lambda) so LambdaLR state survives a checkpoint.
+
+    Args:
+        total_steps: steps of the whole run (cosine and poly decay over them).
+        schedule: "step" (multiply by `gamma` at each milestone), "cosine", "poly" or "constant".
+        milestones: step indices of the decays for "step".
+        warmup_steps: steps of linear warmup from `warmup_factor` to 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        schedule: str = "step",
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        warmup_steps: int = 0,
+        warmup_factor: float = 0.001,
+        power: float = 0.9,
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        self.total_steps = max(int(total_steps), 1)
+        self.schedule = schedule
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = gamma
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_factor = warmup_factor
+        self.power = power
+
+    def __call__(self, step: int) -> float:
+        factor = self._decay(step)
+        if step < self.warmup_steps:
+            alpha = step / self.warmup_steps
+            factor *= self.warmup_factor * (1 - alpha) + alpha
+        return factor
+
+    def _decay(self, step: int) -> float:
+        progress = min(step / self.total_steps, 1.0)
+        if self.schedule == "step":
+            return self.gamma ** sum(step >= m for m in self.milestones)
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if self.schedule == "poly":
+            return (1 - progress) ** self.power
+        return 1.0
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, norm_bias_decay: bool = True) -> list[dict]:
+    """Trainable parameters in two groups; with `norm_bias_decay=False` norms and biases get no decay."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if (is_norm or name == "bias") and not norm_bias_decay else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def check_finite_losses(losses: Mapping[str, Tensor], step: int) -> None:
+    """Stops training at the first NaN or infinite loss, naming the step and every loss term."""
+    total = sum(losses.values())
+    if torch.isfinite(total).all():
+        return
+    terms = ", ".join(f"{name}={value.item():.4g}" for name, value in losses.items())
+    raise FloatingPointError(
+        f"loss became non-finite at step {step}: {terms}. The last checkpoint saved before it is intact; "
+        "lower the learning rate, add gradient clipping (--trainer.gradient_clip_val) or check the data"
+    )
+
+
+def steps_per_epoch(total_steps: int, max_epochs: int | None) -> int:
+    return max(total_steps // max(max_epochs or 1, 1), 1)
+
+
+def as_list(values: Iterable[int] | None) -> list[int]:
+    return [int(v) for v in values] if values else []

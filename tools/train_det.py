@@ -1,0 +1,28 @@
+"""Train, validate, test or predict with Faster/Mask R-CNN from a YAML config (LightningCLI).
+
+    python tools/train_det.py fit --config configs/detection/mask_rcnn_r18_fpn_shapes.yaml
+    python tools/train_det.py validate --config configs/detection/faster_rcnn_r50_fpn_1x_coco.yaml \
+        --ckpt_path runs/faster_rcnn_r50_fpn_1x_coco/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from detection.data import CocoDetectionDataModule
+from detection.task import DetectionTask
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    return LightningCLI(
+        DetectionTask,
+        CocoDetectionDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
