@@ -1,0 +1,156 @@
+"""Faster/Mask R-CNN on the registry: torchvision checkpoint parity, the general form, defaults, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import detection as tvd
+from torchvision.ops import FrozenBatchNorm2d
+
+from backbones import WeightsError
+from backbones.layers import FrozenBatchNorm2d as OurFrozenBN
+from detection.models import build_model, load_detector_weights
+
+SMALL = dict(min_size=128, max_size=160)
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+
+
+def _freeze_bn(module: nn.Module) -> None:
+    """What torchvision does to the ResNet body of its pretrained v1 detectors."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_bn(child)
+
+
+@pytest.mark.parametrize(
+    "tv_name, preset, frozen_body",
+    [
+        ("fasterrcnn_resnet50_fpn", "faster_rcnn_r50_fpn", True),
+        ("fasterrcnn_resnet50_fpn_v2", "faster_rcnn_r50_fpn_v2", False),
+        ("maskrcnn_resnet50_fpn", "mask_rcnn_r50_fpn", True),
+        ("maskrcnn_resnet50_fpn_v2", "mask_rcnn_r50_fpn_v2", False),
+    ],
+)
+def test_torchvision_checkpoint_parity(tmp_path, tv_name, preset, frozen_body):
+    torch.manual_seed(0)
+    reference = getattr(tvd, tv_name)(weights=None, weights_backbone=None, num_classes=91, **SMALL).eval()
+    _randomize_norms(reference)
+    if frozen_body:
+        _freeze_bn(reference.backbone.body)
+    path = tmp_path / f"{tv_name}.pth"
+    torch.save(reference.state_dict(), path)
+
+    ours = build_model(preset, num_classes=91, weights=str(path), **SMALL).eval()
+    images = [torch.rand(3, 128, 150), torch.rand(3, 140, 128)]
+    with torch.no_grad():
+        expected, actual = reference(images), ours(images)
+    for exp, act in zip(expected, actual):
+        assert exp.keys() == act.keys()
+        assert len(exp["boxes"]) > 0
+        for key in exp:
+            torch.testing.assert_close(act[key], exp[key], atol=1e-4, rtol=1e-4)
+    # and the other way: our checkpoint loads strictly into torchvision's model
+    reference.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("faster_rcnn", dict(backbone="resnet18", neck="fpn", head="v2", norm="gn")),
+        ("mask_rcnn", dict(backbone="resnet18", neck="dc5", head="v1")),
+        ("faster_rcnn", dict(backbone="timm/resnet18", neck="fpn", head="v1")),
+        ("mask_rcnn_r18_fpn", dict(anchor_sizes=(8, 16, 32, 64, 128))),
+    ],
+)
+def test_general_form_trains_and_predicts(name, options):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=4, min_size=64, max_size=64, **options)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]),
+            "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 64, 64, dtype=torch.uint8).index_fill_(1, torch.arange(6, 40), 1),
+        }
+        for _ in images
+    ]
+    model.train()
+    losses = model(images, targets)
+    expected = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    if "mask" in name:
+        expected.add("loss_mask")
+    assert set(losses) == expected
+    sum(losses.values()).backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    model.eval()
+    with torch.no_grad():
+        predictions = model(images)
+    assert len(predictions) == 2 and {"boxes", "labels", "scores"} <= set(predictions[0])
+
+
+def test_dc5_reads_dilated_c5():
+    model = build_model("faster_rcnn_r50_dc5", num_classes=3)
+    assert [(f.name, f.channels, f.stride) for f in model.backbone.feature_info] == [("c5", 2048, 16)]
+    assert model.roi_heads.box_roi_pool.featmap_names == ["c5"]
+
+
+def test_pretrained_backbone_defaults_to_frozen_bn_and_stem(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(__import__("torchvision").models.resnet18().state_dict(), path)
+    model = build_model("faster_rcnn_r18_fpn", num_classes=3, backbone_weights=str(path))
+    body = model.backbone.body
+    assert isinstance(body.bn1, OurFrozenBN)
+    assert not any(p.requires_grad for p in body.conv1.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+
+    scratch = build_model("faster_rcnn_r18_fpn", num_classes=3)
+    assert isinstance(scratch.backbone.body.bn1, nn.BatchNorm2d)
+    assert all(p.requires_grad for p in scratch.parameters())
+
+
+def test_resize_in_training_switch():
+    assert build_model("faster_rcnn_r18_fpn", num_classes=3).transform._skip_resize is False
+    assert build_model("faster_rcnn_r18_fpn", num_classes=3, resize_in_training=False).transform._skip_resize
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="retina_net"), "retina_net"),
+        (dict(name="faster_rcnn", neck="bifpn"), "bifpn"),
+        (dict(name="faster_rcnn", head="v3"), "v3"),
+        (dict(name="faster_rcnn", backbone="resnet5"), "resnet50"),
+        (dict(name="faster_rcnn_r18_fpn", anchor_sizes=(8, 16)), "anchor_sizes"),
+    ],
+)
+def test_bad_settings_name_the_value(kwargs, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        build_model(num_classes=3, **kwargs)
+
+
+def test_checkpoint_with_other_classes(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("mask_rcnn_r18_fpn", num_classes=91)
+    path = tmp_path / "coco.pth"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, path)
+    target = build_model("mask_rcnn_r18_fpn", num_classes=4)
+    with pytest.raises(WeightsError, match=r"roi_heads\.box_predictor\.cls_score\.weight.*\(91, 1024\).*\(4, 1024\)"):
+        load_detector_weights(target, str(path))
+    load_detector_weights(target, str(path), fresh_heads=True)  # fine-tuning: everything but the heads
+    torch.testing.assert_close(target.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
+    torch.testing.assert_close(target.rpn.head.cls_logits.weight, source.rpn.head.cls_logits.weight)
