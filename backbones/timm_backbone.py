@@ -62,7 +62,17 @@ class TimmBackbone(nn.Module):
         if weights is not None and not pretrained:
             from .weights import load_weights
 
-            load_weights(self.model, weights)
+            load_weights(self, weights)
+
+    def convert_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Maps a timm classifier's keys onto the features-only model, which flattens some names
+        (`stem.0` becomes `stem_0`, `stages.1` becomes `stages_1`) and lives under `model.`."""
+        own = set(self.state_dict())
+        converted = {}
+        for key, value in state_dict.items():
+            candidates = (f"model.{key}", "model." + key.replace(".", "_", 1))
+            converted[next((c for c in candidates if c in own), key)] = value
+        return converted
 
     def output_shape(self) -> dict[str, FeatureInfo]:
         return {info.name: info for info in self.feature_info}

@@ -19,6 +19,7 @@ __all__ = ["WEIGHTS", "WeightsSpec", "WeightsError", "load_weights", "load_state
 logger = logging.getLogger(__name__)
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.\w+$")  # torch hub's convention: name-<sha256 prefix>.pth
 _URL_SCHEMES = ("http://", "https://", "file://")
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl")
 
 
 class WeightsError(ValueError):
@@ -42,7 +43,7 @@ def fetch_weights(weights: str | os.PathLike, table: dict[str, WeightsSpec] | No
     path = Path(weights).expanduser()
     if path.is_file():
         return path
-    if "." in weights and not path.suffix and "/" not in weights:
+    if "." in weights and "/" not in weights and path.suffix not in _FILE_SUFFIXES:
         arch = weights.split(".", 1)[0]
         known = sorted(t for t in table if t.startswith(arch + "."))
         raise WeightsError(f"unknown weights tag {weights!r}; tags for {arch}: {', '.join(known) or 'none'}")
