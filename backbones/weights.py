@@ -85,8 +85,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"refused to load {str(path)!r}: it is not a plain weights file (torch.load with weights_only=True "
             f"rejects objects that could run code): {str(error).splitlines()[0]}"
         ) from error
-    except (RuntimeError, EOFError) as error:
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {error}") from error
+    except Exception as error:  # torch's unpickler fails in many ways on a corrupt or foreign file
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {type(error).__name__}: {error}") from error
     for key in ("state_dict", "model", "module"):  # Lightning, torchvision references, DDP wrappers
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]

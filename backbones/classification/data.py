@@ -1,0 +1,364 @@
+"""Image-classification data in ImageNet's folder layout, decoded with OpenCV, as Lightning data modules.
+
+Layout: ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``; classes are the training
+folder's sub-folders in sorted order (torchvision's `ImageFolder` convention), so label ``k`` is the
+k-th class name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
+
+from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFileError",
+    "ImageFolder",
+    "ImageFolderDataModule",
+    "ImageFolderError",
+    "ShapesClassificationDataModule",
+    "read_rgb_image",
+    "train_transforms",
+    "val_transforms",
+]
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_NAMES_IN_ERROR = 5
+
+
+class ImageFolderError(ValueError):
+    """A dataset folder is missing, has no class folders, an empty class folder or an unknown class."""
+
+
+class ImageFileError(ValueError):
+    """An image file cannot be read or decoded."""
+
+
+def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """Decodes an image with OpenCV into RGB (H, W, 3) uint8.
+
+    Raises:
+        ImageFileError: the file cannot be read, cannot be decoded, or is a truncated JPEG
+            (which OpenCV would silently fill with grey).
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise ImageFileError(f"{path}: cannot be read ({error})") from error
+    raw = data.tobytes()
+    # A complete JPEG has its end-of-image marker (FFD9) after its last start-of-scan (FFDA).
+    if raw.startswith(b"\xff\xd8") and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
+        raise ImageFileError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)  # grey, CMYK and alpha images become 3-channel BGR
+    if image is None:
+        raise ImageFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def list_classes(folder: str | os.PathLike) -> list[str]:
+    """The sorted names of the class folders inside ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderError(f"image folder {folder} does not exist")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ImageFolderError(f"{folder} has no class folders; expected {folder}/<class>/<image>")
+    return classes
+
+
+class ImageFolder(Dataset):
+    """Images in ``folder/<class>/``, labelled by the position of ``<class>`` in ``class_names``.
+
+    The folder is scanned once, here; images are decoded when read.
+
+    Args:
+        folder: holds one sub-folder per class.
+        class_names: the label order; every class folder must be among them (a class may be absent).
+        transforms: called on the (3, H, W) uint8 image tensor.
+
+    Raises:
+        ImageFolderError: ``folder`` is missing or has no class folders, a class folder has no
+            images, or a class folder is not among ``class_names``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, class_names: Sequence[str], transforms: Callable | None = None):
+        self.folder = Path(folder)
+        self.class_names = list(class_names)
+        self.transforms = transforms
+        label_of = {name: label for label, name in enumerate(self.class_names)}
+        present = list_classes(self.folder)
+        unknown = [c for c in present if c not in label_of]
+        if unknown:
+            raise ImageFolderError(
+                f"{self.folder}: class folder(s) {', '.join(unknown[:MAX_NAMES_IN_ERROR])} are not among the "
+                f"{len(self.class_names)} training classes (e.g. {', '.join(self.class_names[:MAX_NAMES_IN_ERROR])})"
+            )
+        self.samples: list[tuple[str, int]] = []
+        for name in present:
+            files = _image_files(self.folder / name)
+            if not files:
+                raise ImageFolderError(
+                    f"class folder {self.folder / name} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            self.samples += [(path, label_of[name]) for path in files]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        image = torch.from_numpy(read_rgb_image(path)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        if self.transforms is not None:
+            image = self.transforms(image)
+        return image, label
+
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(
+        entry.path for entry in os.scandir(folder) if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def train_transforms(
+    crop_size: int,
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """RandomResizedCrop and horizontal flip; uint8 (3, H, W) in, normalized float (3, crop, crop) out."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(crop_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+            v2.RandomHorizontalFlip(hflip),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def val_transforms(
+    crop_size: int, resize_size: int, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """Shorter side to ``resize_size``, then the central ``crop_size`` square; normalized float out."""
+    return v2.Compose(
+        [
+            v2.Resize(resize_size, antialias=True),
+            v2.CenterCrop(crop_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def _mean_std(
+    weights_tag: str | None, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if weights_tag is not None and weights_tag not in WEIGHTS:
+        arch = weights_tag.split(".", 1)[0]
+        known = sorted(t for t in WEIGHTS if t.startswith(arch + ".")) or sorted(WEIGHTS)[:MAX_NAMES_IN_ERROR]
+        raise ValueError(f"weights_tag={weights_tag!r} is not in backbones.WEIGHTS; e.g. {', '.join(known)}")
+    spec = WEIGHTS.get(weights_tag) if weights_tag else None
+    mean = tuple(mean) if mean is not None else (spec.mean if spec else IMAGENET_MEAN)
+    std = tuple(std) if std is not None else (spec.std if spec else IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean={mean}, std={std}; give three values each, std positive")
+    return mean, std
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """ImageNet-style folders for training, validation, testing and prediction.
+
+    ``num_classes`` and ``class_names`` come from the training folder's class folders (or the
+    validation folder's when there is no training folder) and are known without a `setup`.
+
+    Args:
+        root: holds ``train/`` and ``val/``; or give the folders themselves:
+        train_dir, val_dir: training and validation folders (``<dir>/<class>/<image>``).
+        test_dir: test folder (default: the validation folder).
+        batch_size: training images per batch per device (the task scales its learning rate by
+            the global batch: batch_size * devices * accumulate_grad_batches).
+        val_batch_size: images per validation/test/predict batch (default: ``batch_size``).
+        num_workers: data loading processes per device.
+        crop_size: side of the training crops and of the validation centre crops.
+        resize_size: shorter side of validation images before the centre crop (256 for 224).
+        scale, ratio: RandomResizedCrop's area fraction and aspect-ratio ranges.
+        hflip: probability of a horizontal flip in training.
+        weights_tag: take mean and std from this `backbones.WEIGHTS` tag.
+        mean, std: explicit normalization (default: the tag's, else ImageNet's).
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | None = None,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 8,
+        crop_size: int = 224,
+        resize_size: int = 256,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        weights_tag: str | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ):
+        super().__init__()
+        if root is not None and (train_dir is not None or val_dir is not None):
+            raise ValueError(f"root={root!r} and train_dir={train_dir!r}/val_dir={val_dir!r}; give root or the folders")
+        if root is not None:
+            train_dir, val_dir = str(Path(root) / "train"), str(Path(root) / "val")
+        if train_dir is None and val_dir is None and test_dir is None:
+            raise ValueError("no data given; set root, or train_dir and val_dir")
+        if crop_size > resize_size:
+            raise ValueError(f"crop_size={crop_size} > resize_size={resize_size}; the centre crop must fit")
+        self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.crop_size = crop_size
+        self.resize_size = resize_size
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.mean, self.std = _mean_std(weights_tag, mean, std)
+        self.datasets: dict[str, ImageFolder] = {}
+        self._class_names: list[str] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class folder names in label order."""
+        if self._class_names is None:
+            self._class_names = list_classes(next(d for d in self.dirs.values() if d is not None))
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        given = [split for split, folder in self.dirs.items() if folder is not None]
+        needed = {"fit": ["train"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(stage or "", given)
+        optional = ["val"] if stage == "fit" and "val" in given else []  # validation is optional when fitting
+        for split in needed + optional:
+            self.dataset(split)
+
+    def dataset(self, split: str) -> ImageFolder:
+        """The dataset of ``split`` ("train", "val" or "test"), built on first use."""
+        if split not in self.datasets:
+            if self.dirs[split] is None:
+                raise ValueError(f"no {split} folder given; set {split}_dir (or root)")
+            if split == "train":
+                transforms = train_transforms(
+                    self.crop_size, scale=self.scale, ratio=self.ratio, hflip=self.hflip, mean=self.mean, std=self.std
+                )
+            else:
+                transforms = val_transforms(self.crop_size, self.resize_size, mean=self.mean, std=self.std)
+            self.datasets[split] = ImageFolder(self.dirs[split], self.class_names, transforms)
+        return self.datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        # Full batches only: a last batch of one image breaks batch norm.
+        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.dirs["val"] is None:  # fitting without validation
+            return []
+        return self._loader(self.dataset("val"), self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.val_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.val_batch_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
+
+
+class ShapesClassificationDataModule(ImageFolderDataModule):
+    """The synthetic six-class dataset of `backbones.classification.synthetic`, read as image folders.
+
+    Generated on first use (``prepare_data``, run once per node, or ``setup``) into a cache folder
+    named after the parameters (under ``$RESBONE_CACHE``, default ``~/.cache/resbone``).
+
+    Args:
+        root: dataset folder; None uses the cache folder.
+        train_per_class, val_per_class, image_size, seed: generator parameters.
+        crop_size, resize_size: default to ``image_size`` (the whole image, no resize in validation).
+        **kwargs: the other `ImageFolderDataModule` settings (batch_size, num_workers, scale, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | None = None,
+        train_per_class: int = 400,
+        val_per_class: int = 50,
+        image_size: int = 64,
+        seed: int = 0,
+        crop_size: int | None = None,
+        resize_size: int | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 1,
+        scale: tuple[float, float] = (0.25, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        weights_tag: str | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ):
+        self.shapes_params = dict(
+            train_per_class=train_per_class, val_per_class=val_per_class, image_size=image_size, seed=seed
+        )
+        self.root = Path(root) if root is not None else shapes_classification_root(**self.shapes_params)
+        super().__init__(
+            root=str(self.root),
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            crop_size=crop_size or image_size,
+            resize_size=resize_size or image_size,
+            scale=scale,
+            ratio=ratio,
+            hflip=hflip,
+            weights_tag=weights_tag,
+            mean=mean,
+            std=std,
+        )
+        self._class_names = list(SHAPES_CLASSIFICATION_CLASSES)  # known before the files exist
+
+    def prepare_data(self) -> None:
+        """Generates the dataset unless it is cached; safe to call from several processes."""
+        generate_shapes_classification(self.root, **self.shapes_params)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # cheap when cached; covers use without a Trainer
+        super().setup(stage)

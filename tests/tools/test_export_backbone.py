@@ -1,0 +1,138 @@
+"""Pretrain a few steps, export with tools/export_backbone.py, and load the export everywhere strictly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+import torchvision
+
+from backbones import create_backbone, create_model
+from backbones.classification import ClassificationTask, ImageFolderDataModule, generate_shapes_classification
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import export_backbone  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A ResNet-18 trained for a few steps on tiny synthetic folders, with EMA; its checkpoint."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    root = generate_shapes_classification(folder / "data", train_per_class=3, val_per_class=1, image_size=32, seed=3)
+    data = ImageFolderDataModule(root=str(root), batch_size=6, num_workers=0, crop_size=32, resize_size=32)
+    task = ClassificationTask(model="resnet18", lr=0.05, ema_decay=0.5)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder,
+    )
+    trainer.fit(task, datamodule=data)
+    checkpoint = folder / "pretrained.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    return task.eval(), checkpoint
+
+
+def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_export_feeds_detection_with_the_pretrained_features(pretrained, tmp_path):
+    from detection.models import build_model
+
+    task, checkpoint = pretrained
+    output = tmp_path / "resnet18_shapes.pth"
+    assert export_backbone.main([str(checkpoint), str(output)]) == 0
+    detector = build_model(
+        "faster_rcnn_r18_fpn", num_classes=3, backbone_weights=str(output), norm="bn", frozen_stages=-1
+    ).eval()
+    backbone = create_backbone("resnet18", weights=str(output)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = task.model.forward_features(x)  # the pretrained network itself, eval mode
+        from_detector = detector.backbone.body(x)
+        from_backbone = backbone(x)
+    assert list(from_detector) == ["c2", "c3", "c4", "c5"]
+    for name in from_detector:
+        _assert_same(from_detector[name], expected[name])
+        _assert_same(from_backbone[name], expected[name])
+
+
+def test_export_loads_strictly_into_torchvision_timm_and_create_model(pretrained, tmp_path):
+    task, checkpoint = pretrained
+    output = tmp_path / "resnet18.pth"
+    state = export_backbone.export_backbone(checkpoint, output)
+    saved = torch.load(output, map_location="cpu", weights_only=True)
+    assert list(saved)[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"] and "fc.weight" in saved
+    assert set(saved) == set(state) == set(task.model.state_dict())
+
+    reference = torchvision.models.resnet18(num_classes=6)
+    reference.load_state_dict(saved, strict=True)
+    timm_model = timm.create_model("resnet18", num_classes=6, pretrained=False)
+    timm_model.load_state_dict(saved, strict=True)
+    ours = create_model("resnet18", num_classes=6, weights=str(output)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = task.model(x)
+        _assert_same(reference.eval()(x), expected)
+        _assert_same(timm_model.eval()(x), expected)
+        _assert_same(ours(x), expected)
+
+
+def test_export_ema_writes_the_moving_average(pretrained, tmp_path):
+    task, checkpoint = pretrained
+    output = tmp_path / "ema.pth"
+    assert export_backbone.main([str(checkpoint), str(output), "--ema"]) == 0
+    saved = torch.load(output, map_location="cpu", weights_only=True)
+    ema = task.ema.module.state_dict()
+    assert all(torch.equal(saved[k], ema[k]) for k in ema)
+    assert not torch.equal(saved["layer1.0.conv1.weight"], task.model.state_dict()["layer1.0.conv1.weight"])
+    torchvision.models.resnet18(num_classes=6).load_state_dict(saved, strict=True)
+
+
+def _write_checkpoint_without_ema(checkpoint: Path, tmp_path: Path) -> Path:
+    loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    loaded["state_dict"] = {k: v for k, v in loaded["state_dict"].items() if not k.startswith("ema.")}
+    path = tmp_path / "no_ema.ckpt"
+    torch.save(loaded, path)
+    return path
+
+
+class _NotAWeight:
+    pass
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("garbage", "cannot read checkpoint"),
+        ("pickled_object", "refused to load"),
+        ("plain_state_dict", "not a Lightning checkpoint"),
+        ("no_ema", "holds no EMA weights"),
+        ("wrong_architecture", "do not fit 'resnet34'"),
+    ],
+)
+def test_bad_checkpoint_exits_2_without_output(pretrained, tmp_path, capsys, case, message):
+    _, checkpoint = pretrained
+    path, extra = tmp_path / f"{case}.ckpt", []
+    if case == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif case == "pickled_object":
+        torch.save({"state_dict": {}, "thing": _NotAWeight()}, path)
+    elif case == "plain_state_dict":
+        torch.save(create_model("resnet18", num_classes=6).state_dict(), path)
+    elif case == "no_ema":
+        path, extra = _write_checkpoint_without_ema(checkpoint, tmp_path), ["--ema"]
+    elif case == "wrong_architecture":
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        loaded["hyper_parameters"]["model"] = "resnet34"
+        torch.save(loaded, path)
+    output = tmp_path / "out" / "exported.pth"
+    assert export_backbone.main([str(path), str(output), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+    assert not output.parent.exists() or not list(output.parent.iterdir())  # no temporary file left either

@@ -1,0 +1,32 @@
+"""Train, validate, test or predict with an ImageNet-style classifier from a YAML config (LightningCLI).
+
+    python tools/train_cls.py fit --config configs/classification/resnet18_shapes.yaml
+    python tools/train_cls.py fit --config configs/classification/resnet50_imagenet.yaml
+    python tools/train_cls.py validate --config configs/classification/resnet50_imagenet.yaml \
+        --ckpt_path runs/resnet50_imagenet/checkpoints/last.ckpt
+
+Then `python tools/export_backbone.py CHECKPOINT OUTPUT.pth [--ema]` writes the weights for
+`create_backbone(name, weights=OUTPUT.pth)` and detection/segmentation's `backbone_weights`.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from backbones.classification import ClassificationTask, ImageFolderDataModule
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    return LightningCLI(
+        ClassificationTask,
+        ImageFolderDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()
