@@ -13,19 +13,12 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from backbones.cli import run_cli
 from backbones.classification import ClassificationTask, ImageFolderDataModule
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(
-        ClassificationTask,
-        ImageFolderDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return run_cli(ClassificationTask, ImageFolderDataModule, args, run)
 
 
 if __name__ == "__main__":

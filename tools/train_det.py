@@ -9,19 +9,13 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from backbones.cli import run_cli
 from detection.data import CocoDetectionDataModule
 from detection.task import DetectionTask
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    return LightningCLI(
-        DetectionTask,
-        CocoDetectionDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    return run_cli(DetectionTask, CocoDetectionDataModule, args, run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""tools/infer_seg.py on a checkpoint from a one-step fit."""
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import pytest
+
+from segmentation.data import ShapesSegmentationDataModule
+from segmentation.task import SegmentationTask
+
+SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "infer_seg.py"
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("infer_seg", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+infer_seg = load_tool()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    datamodule = ShapesSegmentationDataModule(
+        root=str(root / "shapes"), num_train=2, num_val=2, image_size=40, batch_size=2, num_workers=0
+    )
+    task = SegmentationTask(model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32})
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", default_root_dir=str(root),
+    )  # fmt: skip
+    trainer.fit(task, datamodule)
+    path = root / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path, datamodule.root / "val"
+
+
+def test_overlays_for_a_folder_and_an_image(checkpoint, tmp_path):
+    path, images = checkpoint
+    written = infer_seg.main([str(path), str(images), "--output", str(tmp_path / "out"), "--save-masks"])
+    assert [p.name for p in written] == ["000001_overlay.png", "000002_overlay.png"]
+    overlay = cv2.imread(str(written[0]))
+    mask = cv2.imread(str(tmp_path / "out" / "000001_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert overlay.shape == (40, 40, 3) and mask.shape == (40, 40) and mask.max() < 4
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind
+    single = infer_seg.main([str(path), str(images / "000002.jpg"), "--output", str(tmp_path / "one"), "--size", "64"])
+    assert [p.name for p in single] == ["000002_overlay.png"]
+
+
+def test_checkpoint_keeps_classes_for_inference(checkpoint):
+    task = infer_seg.load_task(checkpoint[0], "cpu")
+    assert task.hparams.num_classes == 4 and task.hparams.class_names[0] == "background"
+
+
+def test_overlay_leaves_background_uncoloured():
+    image = np.full((2, 2, 3), 100, np.uint8)
+    labels = np.array([[0, 1], [2, 0]])
+    result = infer_seg.overlay(image, labels, ["background", "a", "b"], alpha=1.0)
+    assert (result[0, 0] == 100).all() and (result[0, 1] == infer_seg.palette(3)[1]).all()
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "input"])
+def test_missing_path_is_a_clear_error(checkpoint, tmp_path, capsys, which):
+    args = {"checkpoint": str(checkpoint[0]), "input": str(checkpoint[1])}
+    args[which] = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as error:
+        infer_seg.main([args["checkpoint"], args["input"], "--output", str(tmp_path / "out")])
+    assert error.value.code == 2
+    assert f"{which} '{tmp_path / 'nowhere'}' does not exist" in capsys.readouterr().err
