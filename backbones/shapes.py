@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .cache import MARKER, build_once, default_cache_dir, publish  # noqa: F401  (re-exported)
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so caches are not reused
-MARKER = "COMPLETE"
 SPLITS = ("train", "val")
 MIN_IMAGE_SIZE = 32
 MAX_PLACEMENT_TRIES = 50
@@ -103,12 +102,6 @@ def shapes_categories() -> list[dict]:
     return [{"id": c.category_id, "name": c.name, "supercategory": "shape"} for c in SHAPE_CLASSES]
 
 
-def default_cache_dir() -> Path:
-    """Returns ``$RESBONE_CACHE`` if set, else ``~/.cache/resbone``."""
-    env = os.environ.get("RESBONE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "resbone"
-
-
 def shapes_root(
     *,
     num_train: int = 2000,
@@ -164,16 +157,7 @@ def generate_shapes(
     """
     params = _checked_params(num_train, num_val, image_size, num_objects, seed)
     root = Path(root) if root is not None else shapes_root(**params)
-    if _is_complete(root, params):
-        return ShapesPaths.at(root)
-    _check_replaceable(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_dataset(staging, params)
-        _publish(staging, root, params)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    build_once(root, _marker_content(params), lambda folder: _write_dataset(folder, params))
     return ShapesPaths.at(root)
 
 
@@ -196,40 +180,6 @@ def _checked_params(num_train, num_val, image_size, num_objects, seed) -> dict:
 
 def _marker_content(params: dict) -> dict:
     return {"format_version": FORMAT_VERSION, **params, "num_objects": list(params["num_objects"])}
-
-
-def _is_complete(root: Path, params: dict) -> bool:
-    """True if ``root`` holds a finished dataset of ``params``; raises if of other params."""
-    marker = root / MARKER
-    if not marker.is_file():
-        return False
-    found = json.loads(marker.read_text())
-    wanted = _marker_content(params)
-    if found != wanted:
-        raise ValueError(
-            f"{root} holds a shapes dataset generated with {found}, but {wanted} was "
-            "requested; choose another root or delete that folder"
-        )
-    return True
-
-
-def _check_replaceable(root: Path) -> None:
-    # A rename only replaces an empty folder; anything else is not ours to delete.
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(
-            f"{root} exists but is not a complete shapes dataset (no {MARKER} marker); "
-            "delete it or choose another root"
-        )
-
-
-def _publish(staging: Path, root: Path, params: dict) -> None:
-    """Renames the finished ``staging`` folder to ``root``; tolerates losing a race."""
-    (staging / MARKER).write_text(json.dumps(_marker_content(params)))
-    try:
-        os.replace(staging, root)
-    except OSError:
-        if not _is_complete(root, params):  # another process may have just won the race
-            raise
 
 
 def _write_dataset(folder: Path, params: dict) -> None:

@@ -14,22 +14,18 @@ Layout written under ``root`` (generated into a temporary folder, then renamed):
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from backbones.shapes import default_cache_dir
+from backbones.cache import build_once, default_cache_dir
 
 __all__ = ["SHAPES_CLASSIFICATION_CLASSES", "generate_shapes_classification", "shapes_classification_root"]
 
 FORMAT_VERSION = 1  # bump when the drawings change, so caches are not reused
-MARKER = "COMPLETE"
 SPLITS = ("train", "val")
 MIN_IMAGE_SIZE = 32
 SHAPES_CLASSIFICATION_CLASSES = ("checkerboard", "circle", "dots", "square", "stripes", "triangle")  # sorted
@@ -68,23 +64,7 @@ def generate_shapes_classification(
     """
     params = _checked_params(train_per_class, val_per_class, image_size, seed)
     root = Path(root) if root is not None else shapes_classification_root(**params)
-    if _is_complete(root, params):
-        return root
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} exists but is not a complete dataset (no {MARKER} marker); delete it or choose another root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_dataset(staging, params)
-        (staging / MARKER).write_text(json.dumps(_marker_content(params)))
-        try:
-            os.replace(staging, root)
-        except OSError:
-            if not _is_complete(root, params):  # another process may have just won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return build_once(root, _marker_content(params), lambda folder: _write_dataset(folder, params))
 
 
 def _checked_params(train_per_class: int, val_per_class: int, image_size: int, seed: int) -> dict:
@@ -102,19 +82,6 @@ def _checked_params(train_per_class: int, val_per_class: int, image_size: int, s
 
 def _marker_content(params: dict) -> dict:
     return {"format_version": FORMAT_VERSION, **params}
-
-
-def _is_complete(root: Path, params: dict) -> bool:
-    marker = root / MARKER
-    if not marker.is_file():
-        return False
-    found, wanted = json.loads(marker.read_text()), _marker_content(params)
-    if found != wanted:
-        raise ValueError(
-            f"{root} holds a dataset generated with {found}, but {wanted} was requested; "
-            "choose another root or delete that folder"
-        )
-    return True
 
 
 def _write_dataset(folder: Path, params: dict) -> None:
