@@ -76,17 +76,23 @@ def _download(url: str, tag: str | None = None) -> Path:
     return target
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Reads a state dict with `weights_only=True`; unwraps Lightning and whole-model checkpoints."""
+def load_checkpoint(path: str | os.PathLike, what: str = "weights file") -> object:
+    """`torch.load(path, weights_only=True)` on the CPU; a file that could run code, or a corrupt one,
+    is a `WeightsError` naming the file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise WeightsError(
             f"refused to load {str(path)!r}: it is not a plain weights file (torch.load with weights_only=True "
             f"rejects objects that could run code): {str(error).splitlines()[0]}"
         ) from error
     except Exception as error:  # torch's unpickler fails in many ways on a corrupt or foreign file
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {type(error).__name__}: {error}") from error
+        raise WeightsError(f"cannot read {what} {str(path)!r}: {type(error).__name__}: {error}") from error
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Reads a state dict with `weights_only=True`; unwraps Lightning and whole-model checkpoints."""
+    checkpoint = load_checkpoint(path)
     for key in ("state_dict", "model", "module"):  # Lightning, torchvision references, DDP wrappers
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]

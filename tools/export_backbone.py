@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from backbones.registry import create_model
-from backbones.weights import load_state_dict
+from backbones.weights import WeightsError, load_checkpoint, load_state_dict
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
@@ -39,14 +38,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ExportError(f"checkpoint {str(path)!r} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ExportError(
-            f"refused to load {str(path)!r}: torch.load(weights_only=True) rejects what it holds: "
-            f"{str(error).splitlines()[0]}"
-        ) from error
-    except Exception as error:  # a corrupt file fails anywhere in the unpickler (IndexError, EOFError, ...)
-        raise ExportError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: {error}") from error
+        checkpoint = load_checkpoint(path, "checkpoint")
+    except WeightsError as error:
+        raise ExportError(str(error)) from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ExportError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
     hparams = checkpoint.get("hyper_parameters")
