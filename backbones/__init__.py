@@ -2,6 +2,7 @@
 
 from . import resnet_variants  # noqa: F401  (registers the family)
 from .features import FeatureInfo
+from .fusion import fuse_for_inference
 from .layers import NORMS, convert_sync_batchnorm, get_norm_layer
 from .registry import create_backbone, create_model, list_backbones, register_backbone
 from .resnet import ResNet
@@ -16,6 +17,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "create_backbone",
     "create_model",
+    "fuse_for_inference",
     "get_norm_layer",
     "list_backbones",
     "load_state_dict",

@@ -1,0 +1,80 @@
+"""tools/benchmark.py with tiny settings: the report's structure and sane ratios."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(TOOLS))  # benchmark.py imports benchmark_coco.py beside it
+        spec = importlib.util.spec_from_file_location("benchmark", TOOLS / "benchmark.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_classifier_all_modes(tool, tmp_path, capsys):
+    out = tmp_path / "r18.json"
+    tool.main([
+        "--model", "resnet18", "--batch-size", "2", "--image-size", "64", "--warmup", "1", "--repeats", "1",
+        "--modes", "train,inference,data,eval", "--channels-last", "--data-images", "3",
+        "--data-root", str(tmp_path / "shapes"), "--eval-images", "6", "--json", str(out),
+    ])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["config"]["modes"] == ["inference", "train", "data", "eval"]  # inference first, always
+    rows = {(r["mode"], r["side"]): r for r in report["results"]}
+    assert set(rows) == {(m, s) for m in ("inference", "train") for s in ("ours", "torchvision")}
+    assert rows["inference", "ours"]["setup"] == "BN folded, channels-last, inference_mode"
+    assert rows["train", "ours"]["setup"] == "channels-last"
+    for row in rows.values():
+        assert len(row["seconds"]) == 1 and _positive(row["images_per_s"]) and row["peak_memory_mb"] >= 0
+    for mode in ("inference", "train"):
+        assert _positive(report["ratios"][mode]["throughput"])
+        memory = report["ratios"][mode]["peak_memory"]
+        assert memory is None or (math.isfinite(memory) and memory >= 0)
+    assert report["output_relative_difference"] < 1e-4  # same weights, fused or not
+    assert report["data"]["images"] == 3 and _positive(report["data"]["images_per_s_per_worker"])
+    evaluation = report["eval"]
+    assert (evaluation["ground_truth"], evaluation["detections"]) == (42, 252)
+    for seconds in evaluation["seconds"].values():
+        assert _positive(seconds["bbox"]) and _positive(seconds["segm"])
+    if len(evaluation["seconds"]) == 2:
+        assert evaluation["stats_max_abs_difference"] < 1e-6
+    assert 0 < evaluation["stats"]["pycocotools"]["bbox_AP50"] < 1
+    printed = capsys.readouterr().out
+    assert "| inference | ours |" in printed and "ours/torchvision: throughput" in printed
+
+
+def test_detector_inference(tool, tmp_path):
+    out = tmp_path / "det.json"
+    report = tool.main([
+        "--model", "faster_rcnn_r50_fpn", "--batch-size", "1", "--image-size", "64", "--warmup", "0",
+        "--repeats", "1", "--modes", "inference", "--no-memory", "--json", str(out),
+    ])  # fmt: skip
+    assert json.loads(out.read_text())["ratios"].keys() == {"inference"}
+    assert _positive(report["ratios"]["inference"]["throughput"])
+    assert report["ratios"]["inference"]["peak_memory"] is None and report["memory"] is None
+    assert report["output_compared"] == "FPN features" and report["output_relative_difference"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--modes", "inference,fly"], "--modes='inference,fly'; choose from"),
+     (["--model", "deeplabv3_r50", "--batch-size", "1"], "cannot train DeepLab"),
+     (["--repeats", "0"], "--repeats=0; give a positive number")],
+)  # fmt: skip
+def test_bad_arguments_are_named(tool, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        tool.main(argv)
+    assert message in capsys.readouterr().err

@@ -1,0 +1,408 @@
+"""Speed and memory of our models next to torchvision's, measured in one run with the same inputs and weights.
+
+    python tools/benchmark.py --model resnet50 --batch-size 8 --image-size 224 --repeats 5 --json r50.json
+    python tools/benchmark.py --model mask_rcnn_r50_fpn --batch-size 1 --image-size 800 --modes inference,train
+    python tools/benchmark.py --model faster_rcnn_r50_fpn --modes eval --eval-images 5000
+
+Modes:
+  inference  images/s of ours on the fast path (BN folded into the convs, channels-last, inference_mode)
+             and of torchvision's model as built (inference_mode); the relative output difference.
+  train      images/s of one SGD step (forward, backward, update; train mode; synthetic targets), ours
+             channels-last with --channels-last, torchvision's as built.
+  data       images/s of one loader worker: decode + train transforms of the synthetic shapes set.
+  eval       seconds of COCO evaluation (bbox, segm) of --eval-images synthetic images with each backend,
+             and per image the cost of pasting and RLE-encoding 100 masks.
+Both models get torchvision's random weights (our parameter names are torchvision's); nothing is
+downloaded. Ours and torchvision's repeats are interleaved, so drift on a shared machine hits both;
+the median is reported. Peak memory is measured after the timings, one step per side (see `memory`
+in the JSON for what is measured on the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torchvision
+from torch.nn import functional as F
+from torchvision import models as tvm
+from torchvision.models import detection as tvd
+from torchvision.models import segmentation as tvs
+
+import detection
+import segmentation.models
+from backbones import create_model
+from backbones.fusion import prepare_for_inference
+from benchmark_coco import eval_benchmark, eval_markdown, json_safe  # tools/, beside this script
+
+KINDS = {"resnet18": "cls", "resnet50": "cls", "resnet101": "cls", "faster_rcnn_r50_fpn": "det",
+         "mask_rcnn_r50_fpn": "det", "deeplabv3_r50": "seg"}  # fmt: skip
+TORCHVISION = {"resnet18": "resnet18", "resnet50": "resnet50", "resnet101": "resnet101",
+               "faster_rcnn_r50_fpn": "fasterrcnn_resnet50_fpn", "mask_rcnn_r50_fpn": "maskrcnn_resnet50_fpn",
+               "deeplabv3_r50": "deeplabv3_resnet50"}  # fmt: skip
+NUM_CLASSES = {"cls": 1000, "det": 91, "seg": 21}  # ImageNet, COCO (torchvision's 91 ids), VOC
+MODES = ("inference", "train", "data", "eval")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIDES = ("ours", "torchvision")
+
+
+def build_pair(name: str, image_size: int) -> tuple[str, torch.nn.Module, torch.nn.Module]:
+    """(kind, ours, torchvision's) with the same random weights; from scratch: BatchNorm everywhere, all trainable."""
+    kind, num_classes = KINDS[name], NUM_CLASSES[KINDS[name]]
+    torch.manual_seed(0)
+    if kind == "cls":
+        theirs = getattr(tvm, TORCHVISION[name])(weights=None, num_classes=num_classes)
+        ours = create_model(name, num_classes=num_classes)
+    elif kind == "det":
+        # score threshold 0: every image yields box_detections_per_img (100) detections, as a trained
+        # model does on a busy image; random weights would otherwise give none, hiding the post-processing
+        options = dict(min_size=image_size, max_size=image_size, box_score_thresh=0.0)
+        builder = getattr(tvd, TORCHVISION[name])
+        theirs = builder(weights=None, weights_backbone=None, num_classes=num_classes, **options)
+        ours = detection.build_model(name, num_classes=num_classes, **options)
+    else:
+        theirs = tvs.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)
+        ours = segmentation.models.build_model(name, num_classes=num_classes, output_stride=8)  # torchvision's
+    ours.load_state_dict(theirs.state_dict())
+    return kind, ours, theirs
+
+
+def make_batch(kind: str, batch_size: int, image_size: int, device: str, with_masks: bool):
+    """(inputs, targets): random images, and random labels / boxes and masks / pixel classes."""
+    g, size = torch.Generator().manual_seed(0), image_size
+    if kind != "det":
+        x = torch.randn(batch_size, 3, size, size, generator=g)
+        shape = (batch_size,) if kind == "cls" else (batch_size, size, size)
+        return x.to(device), torch.randint(NUM_CLASSES[kind], shape, generator=g).to(device)
+    images, targets = [], []
+    for _ in range(batch_size):
+        xy = torch.rand(3, 2, generator=g) * size * 0.6
+        wh = (0.1 + 0.3 * torch.rand(3, 2, generator=g)) * size
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size)], 1).round()
+        target = {"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES["det"], (3,), generator=g)}
+        if with_masks:
+            masks = torch.zeros(3, size, size, dtype=torch.uint8)
+            for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+                mask[y1:y2, x1:x2] = 1
+            target["masks"] = masks
+        images.append(torch.rand(3, size, size, generator=g).to(device))
+        targets.append({k: v.to(device) for k, v in target.items()})
+    return images, targets
+
+
+def _channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) else x
+
+
+def _autocast(device: str, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _compile(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    if kind == "cls":
+        return torch.compile(model)
+    model.backbone = torch.compile(model.backbone)  # body + FPN; the heads' control flow stays eager
+    return model
+
+
+def inference_steps(kind, ours, theirs, batch, args) -> dict:
+    """{side: (setup, step, model)}; a step returns the model's output."""
+    fast = prepare_for_inference(copy.deepcopy(ours))
+    if args.compile:
+        fast = _compile(fast, kind)
+
+    def step_of(model, inputs):
+        def step():
+            model.eval()  # torchvision's model is shared with the train mode
+            with torch.inference_mode(), _autocast(args.device, args.precision):
+                return model(inputs)
+
+        return step
+
+    compiled = " + torch.compile" if args.compile else ""
+    return {
+        "ours": (f"BN folded, channels-last, inference_mode{compiled}", step_of(fast, _channels_last(batch[0])), fast),
+        "torchvision": ("as built, inference_mode", step_of(theirs, batch[0]), theirs),
+    }
+
+
+def _loss(kind, model, inputs, targets):
+    if kind == "det":
+        return sum(model(inputs, targets).values())
+    out = model(inputs)
+    return F.cross_entropy(out["out"] if kind == "seg" else out, targets)
+
+
+def train_steps(kind, ours, theirs, batch, args) -> dict:
+    """{side: (setup, step, model)}: forward, backward and an SGD step (momentum 0.9) in train mode."""
+
+    def step_of(model, inputs):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
+
+        def step():
+            model.train()
+            with _autocast(args.device, args.precision):
+                loss = _loss(kind, model, inputs, batch[1])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        return step
+
+    inputs, setup = batch[0], []
+    if args.channels_last:
+        ours.to(memory_format=torch.channels_last)
+        inputs, setup = _channels_last(inputs), ["channels-last"]
+    if args.compile:
+        ours = _compile(ours, kind)
+        setup.append("torch.compile")
+    return {
+        "ours": (", ".join(setup) or "as built", step_of(ours, inputs), ours),
+        "torchvision": ("as built", step_of(theirs, batch[0]), theirs),
+    }
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, args) -> tuple[dict, object]:
+    """Seconds of each repeat per side, ours and torchvision's alternating (and alternating who goes first)."""
+    outputs = {}
+    for side, (_, step, _) in steps.items():
+        for _ in range(args.warmup):
+            outputs[side] = step()
+    seconds = {side: [] for side in steps}
+    for repeat in range(args.repeats):
+        for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+            _sync(args.device)
+            start = time.perf_counter()
+            out = steps[side][1]()
+            _sync(args.device)
+            seconds[side].append(time.perf_counter() - start)
+            outputs.setdefault(side, out)
+    return seconds, outputs
+
+
+def _flat(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output.detach().double().flatten().cpu()
+    values = output.values() if isinstance(output, dict) else output
+    return torch.cat([_flat(v) for v in values]) if values else torch.zeros(0, dtype=torch.float64)
+
+
+def _fpn_features(model, images):
+    with torch.inference_mode():
+        return model.backbone(model.transform(images)[0].tensors)
+
+
+def relative_difference(ours, theirs) -> float | None:
+    """|ours - theirs| / |theirs| over every output number; None when the shapes differ."""
+    a, b = _flat(ours), _flat(theirs)
+    return float((a - b).norm() / b.norm().clamp(min=1e-12)) if a.shape == b.shape else None
+
+
+def _proc_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_method(device: str) -> str | None:
+    """What `peak_memory_mb` measures, or None where it cannot (a non-Linux CPU)."""
+    if device == "cuda":
+        return ("torch.cuda.max_memory_allocated during one step minus what was allocated before it: the step's "
+                "activations and workspaces beyond the weights, last step's gradients and the optimizer state")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        return None
+    with contextlib.suppress(OSError, AttributeError):  # mmap blocks >= 64 KiB, so freed tensors leave the RSS
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; after the timings, as it slows them
+    return ("peak RSS (VmHWM, reset through /proc/self/clear_refs) during one step minus the RSS before it: the "
+            "step's activations and workspaces beyond the weights, last step's gradients and the optimizer state")
+
+
+def peak_memory_mb(step, device: str) -> float:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return max(torch.cuda.max_memory_allocated() - base, 0) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_kb("VmRSS")
+    step()
+    return max(_proc_kb("VmHWM") - base, 0) / 1024
+
+
+def data_throughput(args, with_masks: bool) -> dict:
+    """Images per second of one worker: read + decode (OpenCV) + train transforms of the shapes train split."""
+    from detection.data import ShapesDataModule
+
+    datamodule = ShapesDataModule(
+        root=args.data_root, num_train=args.data_images, num_val=1, image_size=args.image_size, with_masks=with_masks
+    )
+    datamodule.setup("fit")
+    dataset = datamodule.datasets["train"]
+    dataset[0]  # warm the caches of the first call
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    seconds = time.perf_counter() - start
+    return {"images": len(dataset), "image_size": args.image_size, "with_masks": with_masks,
+            "seconds": seconds, "images_per_s_per_worker": len(dataset) / seconds}  # fmt: skip
+
+
+def run_models(args, modes) -> tuple[list[dict], dict, dict]:
+    kind, ours, theirs = build_pair(args.model, args.image_size)
+    ours, theirs = ours.to(args.device), theirs.to(args.device)
+    batch = make_batch(kind, args.batch_size, args.image_size, args.device, with_masks="mask" in args.model)
+    weights_mb = sum(t.numel() * t.element_size() for t in theirs.state_dict().values()) / 2**20
+    rows, all_steps, extra = [], {}, {}
+    for mode in modes:
+        steps = (inference_steps if mode == "inference" else train_steps)(kind, ours, theirs, batch, args)
+        seconds, outputs = time_interleaved(steps, args)
+        if mode == "inference":  # a detector's FPN features: random weights tie its scores, so detections reorder
+            extra["output_compared"] = "FPN features" if kind == "det" else "outputs"
+            pair = [_fpn_features(steps[s][2], batch[0]) if kind == "det" else outputs[s] for s in SIDES]
+            extra["output_relative_difference"] = relative_difference(*pair)
+        for side, (setup, _, _) in steps.items():
+            median = statistics.median(seconds[side])
+            rows.append({"mode": mode, "side": side, "setup": setup, "seconds_median": median,
+                         "seconds": seconds[side], "images_per_s": args.batch_size / median})  # fmt: skip
+        all_steps[mode] = steps
+    extra["weights_mb"] = weights_mb
+    return rows, extra, all_steps
+
+
+def measure_memory(rows: list[dict], all_steps: dict, device: str, enabled: bool = True) -> str | None:
+    """Adds `peak_memory_mb` to each row (one more step per row; None if not measured); returns what it is."""
+    method = memory_method(device) if enabled else None
+    for row in rows:
+        row["peak_memory_mb"] = peak_memory_mb(all_steps[row["mode"]][row["side"]][1], device) if method else None
+    return method
+
+
+def ratios(rows: list[dict]) -> dict:
+    """ours / torchvision per mode: throughput (> 1: ours faster) and peak memory (< 1: ours smaller)."""
+    by_key = {(r["mode"], r["side"]): r for r in rows}
+    result = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        ours, theirs = by_key[mode, "ours"], by_key[mode, "torchvision"]
+        memory = None
+        if ours["peak_memory_mb"] is not None and theirs["peak_memory_mb"]:
+            memory = ours["peak_memory_mb"] / theirs["peak_memory_mb"]
+        result[mode] = {"throughput": ours["images_per_s"] / theirs["images_per_s"], "peak_memory": memory}
+    return result
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"## {c['model']}: batch {c['batch_size']}, {c['image_size']} px, {c['precision']}, {c['device']} "
+             f"({c['device_name']}, {c['threads']} threads), median of {c['repeats']}", ""]  # fmt: skip
+    if report["results"]:
+        lines += ["| mode | model | setup | images/s | ms/batch | peak MB |", "|---|---|---|---:|---:|---:|"]
+        for r in report["results"]:
+            memory = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+            lines.append(f"| {r['mode']} | {r['side']} | {r['setup']} | {r['images_per_s']:.2f} | "
+                         f"{1000 * r['seconds_median']:.1f} | {memory} |")  # fmt: skip
+        lines.append("")
+        for mode, ratio in report["ratios"].items():
+            memory = "n/a" if ratio["peak_memory"] is None else f"{ratio['peak_memory']:.2f}x"
+            lines.append(f"- {mode}, ours/torchvision: throughput {ratio['throughput']:.2f}x, peak memory {memory}")
+        if report.get("output_relative_difference") is not None:
+            lines.append(f"- inference {report['output_compared']}, ours vs torchvision: relative difference "
+                         f"{report['output_relative_difference']:.1e}")  # fmt: skip
+        lines.append(f"- peak memory: {report.get('memory') or 'not measured'}")
+    if "data" in report:
+        d = report["data"]
+        lines.append(f"- data: {d['images_per_s_per_worker']:.1f} images/s per worker (decode + train transforms, "
+                     f"shapes {d['image_size']} px{', masks' if d['with_masks'] else ''})")  # fmt: skip
+    if "eval" in report:
+        lines += ["", *eval_markdown(report["eval"])]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=KINDS, default="resnet50")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224, help="square inputs (detection: min = max size)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/fp16: autocast")
+    parser.add_argument("--channels-last", action="store_true", help="ours trains channels-last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours (detection/DeepLab: the backbone)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side and mode")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per side and mode (median reported)")
+    parser.add_argument("--modes", default="inference,train", help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory steps")
+    parser.add_argument("--data-images", type=int, default=64, help="data mode: images decoded")
+    parser.add_argument("--data-root", help=argparse.SUPPRESS)  # default: the shapes cache folder
+    parser.add_argument("--eval-images", type=int, default=5000, help="eval mode: synthetic COCO images")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes={args.modes!r}; choose from {', '.join(MODES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device=cuda, but torch sees no CUDA device")
+    for name in ("batch_size", "image_size", "repeats", "data_images", "eval_images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; give a positive number")
+    if args.model.startswith("deeplab") and "train" in modes and args.batch_size < 2:
+        parser.error("--batch-size=1 cannot train DeepLab: BatchNorm after ASPP's image pooling needs 2 or more")
+    if args.warmup < 0:
+        parser.error(f"--warmup={args.warmup}; give 0 or more")
+    args.mode_list = [m for m in MODES if m in modes]  # inference before train: the train steps change weights
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (os.uname().machine + " CPU")
+    config = {k: v for k, v in vars(args).items() if k not in ("mode_list", "json", "data_root")}
+    config.update(device_name=device_name, threads=torch.get_num_threads(), torch=torch.__version__,
+                  torchvision=torchvision.__version__, modes=args.mode_list)  # fmt: skip
+    report = {"config": config, "results": [], "ratios": {}}
+    model_modes = [m for m in args.mode_list if m in ("inference", "train")]
+    rows, extra, all_steps = run_models(args, model_modes) if model_modes else ([], {}, {})
+    if "data" in args.mode_list:
+        report["data"] = data_throughput(args, with_masks="mask" in args.model)
+    if "eval" in args.mode_list:
+        report["eval"] = eval_benchmark(args.eval_images)
+    if rows:  # last: the CPU measurement changes the allocator's settings, which would slow the timings
+        extra["memory"] = measure_memory(rows, all_steps, args.device, args.memory)
+        report.update(results=rows, ratios=ratios(rows), **extra)
+    print(markdown(report))
+    if args.json:
+        _write_json(args.json, report)
+    return report
+
+
+def _write_json(path: str, report: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".benchmark-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(json_safe(report), f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

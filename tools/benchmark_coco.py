@@ -1,0 +1,156 @@
+"""Seconds of COCO evaluation with each backend, and the per-image cost of Mask R-CNN's mask post-processing.
+
+The `eval` mode of tools/benchmark.py; also runs alone:
+
+    python tools/benchmark_coco.py --images 5000 [--json eval.json]
+
+The synthetic set is COCO-like: 480x640 images, 7 objects each (80 categories), 42 results per image
+(5 jittered copies of each object and 7 false positives), rectangles as polygons (ground truth) and
+compressed RLEs (results). Both backends score the same results through `detection.evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from detection.evaluation import binarize_masks, encode_masks, evaluate_results, load_ground_truth, resolve_backend
+
+EVAL_IMAGE_SIZE = (480, 640)  # (H, W), COCO-like
+
+
+def _rectangles(rng, count: int, low: float, high: float) -> np.ndarray:
+    """(count, 4) XYWH boxes inside the eval image."""
+    height, width = EVAL_IMAGE_SIZE
+    wh = rng.uniform(low, high, (count, 2))
+    return np.concatenate([rng.uniform(0, 1, (count, 2)) * ([width, height] - wh), wh], 1)
+
+
+def synthetic_coco(num_images: int, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Ground truth (7 boxes per image, 80 categories) and results (5 jittered copies of each + 7 false
+    positives: 42 per image), each with a rectangle as polygon (ground truth) or RLE (results)."""
+    rng, (height, width) = np.random.default_rng(seed), EVAL_IMAGE_SIZE
+    images, annotations, results = [], [], []
+    for image_id in range(1, num_images + 1):
+        images.append({"id": image_id, "height": height, "width": width, "file_name": f"{image_id:06d}.jpg"})
+        boxes, categories = _rectangles(rng, 7, 8, 200), rng.integers(1, 81, 7)
+        jitter = rng.normal(0, 0.08, (35, 4)) * np.repeat(boxes[:, 2:], 5, 0).repeat(2, 1)
+        detections = np.concatenate([np.repeat(boxes, 5, 0) + jitter, _rectangles(rng, 7, 8, 100)])
+        detections[:, :2] = detections[:, :2].clip(0, [width - 2, height - 2])
+        detections[:, 2:] = detections[:, 2:].clip(1, [width, height] - detections[:, :2])
+        polygons = [[x, y, x + w, y, x + w, y + h, x, y + h] for x, y, w, h in np.concatenate([boxes, detections])]
+        for (x, y, w, h), category, polygon in zip(boxes.tolist(), categories.tolist(), polygons):
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": category, "bbox": [x, y, w, h],
+                "area": w * h, "segmentation": [polygon], "iscrowd": 0,
+            })  # fmt: skip
+        rles = mask_util.frPyObjects(polygons[7:], height, width)
+        labels = np.concatenate([np.repeat(categories, 5), rng.integers(1, 81, 7)]).tolist()
+        for box, category, score, rle in zip(detections.tolist(), labels, rng.uniform(0, 1, 42).tolist(), rles):
+            rle = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+            results.append({"image_id": image_id, "category_id": category, "bbox": box, "score": score,
+                            "segmentation": rle})  # fmt: skip
+    categories = [{"id": i, "name": f"class{i}"} for i in range(1, 81)]
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+def mask_postprocess_seconds(num_masks: int = 100, repeats: int = 3) -> dict:
+    """Per image: torchvision's paste of 28x28 mask logits into the image (inside Mask R-CNN) and our
+    threshold + RLE encoding (one pycocotools call for all masks)."""
+    g, (height, width) = torch.Generator().manual_seed(0), EVAL_IMAGE_SIZE
+    masks = torch.rand(num_masks, 1, 28, 28, generator=g)
+    xy = torch.rand(num_masks, 2, generator=g) * torch.tensor([width * 0.7, height * 0.7])
+    boxes = torch.cat([xy, xy + 10 + 190 * torch.rand(num_masks, 2, generator=g)], 1)
+    paste, encode = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pasted = paste_masks_in_image(masks, boxes, (height, width))
+        middle = time.perf_counter()
+        encode_masks(binarize_masks(pasted))
+        paste.append(middle - start)
+        encode.append(time.perf_counter() - middle)
+    return {"masks": num_masks, "paste_s": statistics.median(paste), "encode_s": statistics.median(encode)}
+
+
+def eval_benchmark(num_images: int) -> dict:
+    """Seconds of `detection.evaluation.evaluate_results` (loadRes, evaluate, accumulate, summarize) per backend."""
+    dataset, results = synthetic_coco(num_images)
+    backends = ["pycocotools"] + ["faster_coco_eval"] * (resolve_backend("auto") == "faster_coco_eval")
+    report = {"images": num_images, "image_size": list(EVAL_IMAGE_SIZE), "ground_truth": len(dataset["annotations"]),
+              "detections": len(results), "seconds": {}, "stats": {}}  # fmt: skip
+    for backend in backends:
+        coco_gt = load_ground_truth(_as_coco(dataset), backend)
+        for iou_type in ("bbox", "segm"):
+            start = time.perf_counter()
+            stats, _ = evaluate_results(coco_gt, results, iou_type, backend, verbose=False)
+            report["seconds"].setdefault(backend, {})[iou_type] = time.perf_counter() - start
+            report["stats"].setdefault(backend, {}).update(stats)
+    if len(backends) == 2:
+        a, b = (report["stats"][name] for name in backends)
+        both = [k for k in a if not (math.isnan(a[k]) and math.isnan(b[k]))]
+        report["stats_max_abs_difference"] = max(abs(a[k] - b[k]) for k in both)
+    report["per_image"] = mask_postprocess_seconds()
+    return report
+
+
+def eval_markdown(report: dict) -> list[str]:
+    counts = f"{report['ground_truth']} objects, {report['detections']} detections"
+    lines = [f"COCO evaluation of {report['images']} images ({counts}):", ""]
+    lines += ["| backend | bbox s | segm s |", "|---|---:|---:|"]
+    lines += [f"| {name} | {s['bbox']:.2f} | {s['segm']:.2f} |" for name, s in report["seconds"].items()]
+    if "stats_max_abs_difference" in report:
+        lines.append(f"- backends agree to {report['stats_max_abs_difference']:.1e} (24 summary numbers)")
+    p = report["per_image"]
+    height, width = report["image_size"]
+    lines.append(f"- per image, {p['masks']} masks at {height}x{width}: paste into the image "
+                 f"{1000 * p['paste_s']:.0f} ms, threshold + RLE encode {1000 * p['encode_s']:.0f} ms")  # fmt: skip
+    return lines
+
+
+def json_safe(value):
+    """`value` with nan replaced by None (JSON has no nan)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _as_coco(dataset: dict):
+    """A pycocotools COCO of a fresh copy of `dataset` (`load_ground_truth` converts it for the backend)."""
+    coco = COCO()
+    coco.dataset = copy.deepcopy(dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=5000, help="synthetic images to evaluate")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error(f"--images={args.images}; give a positive number")
+    report = eval_benchmark(args.images)
+    print("\n".join(eval_markdown(report)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_safe(report), f, indent=2, allow_nan=False)
+    return report
+
+
+if __name__ == "__main__":
+    main()
