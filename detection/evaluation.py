@@ -20,7 +20,6 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import math
 import os
 import warnings
@@ -32,7 +31,6 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-logger = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
@@ -210,16 +208,20 @@ def validate_results(results: Any, coco_gt: Any, iou_types: Iterable[str] = ("bb
                 f"{where} has category_id {result['category_id']!r}, "
                 f"not among the annotation categories {sorted(category_ids)}"
             )
-        if not isinstance(result["score"], (int, float)):
-            raise ValueError(f"{where} has score {result['score']!r}, not a number")
+        if not isinstance(result["score"], (int, float)) or not math.isfinite(result["score"]):
+            raise ValueError(f"{where} has score {result['score']!r}, not a finite number")
         if "bbox" in iou_types and not _is_xywh(result["bbox"]):
-            raise ValueError(f"{where} has bbox {result['bbox']!r}, not a list [x, y, w, h]")
+            raise ValueError(
+                f"{where} has bbox {result['bbox']!r}, not a list [x, y, w, h] of finite numbers, w, h >= 0"
+            )
         if "segm" in iou_types:
             _check_rle(result["segmentation"], (image["height"], image["width"]), where)
 
 
 def _is_xywh(box: Any) -> bool:
-    return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        return False
+    return all(math.isfinite(v) for v in box) and box[2] >= 0 and box[3] >= 0
 
 
 def _check_rle(segmentation: Any, image_size: tuple[int, int], where: str) -> None:
@@ -239,7 +241,7 @@ def evaluate_results(
         results: COCO results, as from :func:`to_coco_results`; not modified.
         iou_type: ``"bbox"`` or ``"segm"``.
         backend: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"``.
-        verbose: Print COCOeval's 12-line summary and log the per-category table.
+        verbose: Print COCOeval's 12-line summary and the per-category AP table.
 
     Returns:
         ``{f"{iou_type}_{name}": value}`` for the 12 names of :data:`STAT_NAMES` (COCOeval's -1, "no ground truth
@@ -257,8 +259,8 @@ def evaluate_results(
     stats = {f"{iou_type}_{name}": _nan_if_missing(s) for name, s in zip(STAT_NAMES, coco_eval.stats[:12])}
     per_category = _per_category_ap(coco_eval, coco_gt)
     if verbose:
-        print(f"COCO {iou_type} evaluation ({backend}, {len(results)} detections):\n{summary}")
-        logger.info("%s", format_per_category_table(per_category, iou_type))
+        table = format_per_category_table(per_category, iou_type)
+        print(f"COCO {iou_type} evaluation ({backend}, {len(results)} detections):\n{summary}\n{table}")
     return stats, per_category
 
 
@@ -336,7 +338,10 @@ def _build_coco(dataset: dict, backend: str) -> Any:
 def _to_numpy(values: Any) -> np.ndarray:
     # Duck-typed so that scoring a JSON file (tools/eval_det.py) does not pay for importing torch.
     if hasattr(values, "detach"):
-        return values.detach().cpu().numpy()
+        values = values.detach().cpu()
+        if values.is_floating_point() and values.element_size() < 4:  # bf16/fp16 under autocast: numpy has no bf16
+            values = values.float()
+        return values.numpy()
     return np.asarray(values)
 
 

@@ -232,6 +232,18 @@ def test_per_category_ap_matches_precision_array(fixture):
         evaluator.per_category_ap("keypoints")
 
 
+def test_verbose_evaluation_prints_summary_and_per_category_table(fixture, capsys):
+    gt_path, detections = fixture
+    image_ids = list(IMAGE_SIZES)
+    results = to_coco_results(to_predictions(detections, image_ids), image_ids, LABEL_TO_CATEGORY_ID, ("bbox",))
+    _, per_category = evaluate_results(gt_path, results, "bbox", "pycocotools", verbose=True)
+    printed = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
+    table = printed[printed.index("Per-category bbox AP:") :].splitlines()
+    assert [line.split()[0] for line in table[2:5]] == list(CATEGORIES.values())
+    assert [float(line.split()[1]) for line in table[2:5]] == pytest.approx(list(per_category.values()), abs=5e-4)
+
+
 def test_identity_mapping_rejects_contiguous_labels(fixture):
     gt_path, detections = fixture
     evaluator = COCOEvaluator(annotations=gt_path)  # labels 1, 2, 3 taken as category ids; 2 is not one
