@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-__all__ = ["LRSchedule", "param_groups", "check_finite_losses", "SCHEDULES"]
+from .distributed import prepare_sync_batchnorm
+
+if TYPE_CHECKING:
+    import lightning as L
+
+__all__ = [
+    "SCHEDULES",
+    "LRSchedule",
+    "batch_scaled_lr",
+    "check_finite_losses",
+    "global_batch_size",
+    "param_groups",
+    "prepare_task_model",
+]
 
 SCHEDULES = ("step", "cosine", "poly", "constant")
 
@@ -97,3 +112,53 @@ def steps_per_epoch(total_steps: int, max_epochs: int | None) -> int:
 
 def as_list(values: Iterable[int] | None) -> list[int]:
     return [int(v) for v in values] if values else []
+
+
+def global_batch_size(trainer: L.Trainer, batch_size: int) -> int:
+    """Images per optimizer step over every process: batch_size * devices * num_nodes * accumulate_grad_batches."""
+    return batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def batch_scaled_lr(lr: float, reference_batch_size: int | None, trainer: L.Trainer, *, name: str = "lr") -> float:
+    """`lr` scaled linearly with the global batch (Goyal et al.): lr * global_batch / reference_batch_size.
+
+    With `reference_batch_size=None`, `lr` as it is. The per-device batch is the data module's
+    `batch_size`; the rate used is printed once (rank 0) with how it was reached.
+
+    Example:
+        lr 0.02 for a reference batch of 16 on 2 nodes x 8 GPUs x 2 images: 0.02 * 32 / 16 = 0.04.
+    """
+    if reference_batch_size is None:
+        rank_zero_info(f"learning rate {lr:.4g} ({name}; not scaled with the batch size)")
+        return lr
+    if reference_batch_size < 1:
+        raise ValueError(f"lr_reference_batch_size={reference_batch_size}; give a positive batch size or None")
+    batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    if batch_size is None:
+        raise ValueError(
+            f"scaling {name}={lr:g} by the global batch (reference batch {reference_batch_size}) needs the per-device "
+            "batch_size of the trainer's data module, which has none; fit with a data module that has batch_size, "
+            "or give an unscaled learning rate"
+        )
+    global_batch = global_batch_size(trainer, batch_size)
+    scaled = lr * global_batch / reference_batch_size
+    rank_zero_info(
+        f"learning rate {scaled:.4g} = {name} {lr:g} x global batch {global_batch} / {reference_batch_size} "
+        f"(global batch = {batch_size} per device x {trainer.num_devices} devices x {trainer.num_nodes} nodes "
+        f"x {trainer.accumulate_grad_batches} accumulated)"
+    )
+    return scaled
+
+
+def prepare_task_model(task: L.LightningModule, *, channels_last: bool = False) -> None:
+    """What every task does in `configure_model`, before Lightning wraps it for DDP.
+
+    Installs the frozen-aware SyncBatchNorm conversion (`backbones.distributed.prepare_sync_batchnorm`)
+    and, with `channels_last`, turns every 4-D weight of the task into channels-last memory. The
+    inputs need no conversion: a convolution whose weight is channels-last runs channels-last (cuDNN
+    and oneDNN convert its input), and its output, channels-last, carries the format on.
+    """
+    if task._trainer is not None:  # Lightning's load_from_checkpoint calls configure_model without a trainer
+        prepare_sync_batchnorm(task.trainer, task)
+    if channels_last:
+        task.to(memory_format=torch.channels_last)

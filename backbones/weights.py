@@ -14,7 +14,16 @@ from torch import Tensor, nn
 
 from .weights_table import WEIGHTS, WeightsSpec
 
-__all__ = ["WEIGHTS", "WeightsSpec", "WeightsError", "load_weights", "load_state_dict", "fetch_weights"]
+__all__ = [
+    "WEIGHTS",
+    "WeightsError",
+    "WeightsSpec",
+    "fetch_weights",
+    "load_checkpoint",
+    "load_state_dict",
+    "load_task_checkpoint",
+    "load_weights",
+]
 
 logger = logging.getLogger(__name__)
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.\w+$")  # torch hub's convention: name-<sha256 prefix>.pth
@@ -82,12 +91,46 @@ def load_checkpoint(path: str | os.PathLike, what: str = "weights file") -> obje
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise WeightsError(
-            f"refused to load {str(path)!r}: it is not a plain weights file (torch.load with weights_only=True "
-            f"rejects objects that could run code): {str(error).splitlines()[0]}"
-        ) from error
+        raise WeightsError(_refused(path, error)) from error
     except Exception as error:  # torch's unpickler fails in many ways on a corrupt or foreign file
-        raise WeightsError(f"cannot read {what} {str(path)!r}: {type(error).__name__}: {error}") from error
+        raise WeightsError(
+            f"cannot read {what} {str(path)!r}: {type(error).__name__}: {error} ({_UNREADABLE})"
+        ) from error
+
+
+def load_task_checkpoint(task_class: type, path: str | os.PathLike, **kwargs: object) -> nn.Module:
+    """`task_class.load_from_checkpoint(path, weights_only=True, **kwargs)` for the tools.
+
+    Raises:
+        FileNotFoundError: no such file.
+        WeightsError: the file could run code, is corrupt or truncated, or is not a checkpoint of
+            `task_class` (another task's, another architecture's); the message names the file.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return task_class.load_from_checkpoint(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise WeightsError(_refused(path, error)) from error
+    except Exception as error:  # torch.load, the task's constructor or the strict state dict load
+        unreadable = isinstance(error, (OSError, EOFError)) or "PytorchStreamReader" in str(error)
+        raise WeightsError(
+            f"cannot load {str(path)!r} as a {task_class.__name__} checkpoint: {type(error).__name__}: {error}"
+            + (f" ({_UNREADABLE})" if unreadable else "")
+        ) from error
+
+
+_UNREADABLE = "the file is truncated or corrupt, or was not written by torch.save"
+
+
+def _refused(path: str | os.PathLike, error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    # torch's message opens with advice to load with weights_only=False; the line naming the object is the reason
+    reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+    return (
+        f"refused to load {str(path)!r}: it is not a plain weights file (torch.load with weights_only=True "
+        f"rejects objects that could run code): {reason}"
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -121,13 +164,20 @@ def _align_prefix(state_dict: dict[str, Tensor], model_keys: list[str]) -> dict[
 
 
 def load_state_dict(
-    model: nn.Module, state_dict: dict[str, Tensor], *, head_prefixes: tuple[str, ...] = (), source: str = "weights"
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    *,
+    head_prefixes: tuple[str, ...] = (),
+    source: str = "weights",
+    fresh_heads: bool = True,
 ) -> None:
     """Loads `state_dict` strictly, with errors that name every missing, unexpected or misshapen key.
 
     Keys under a top-level module the model does not have (a classifier's `fc` for a backbone, the
-    stages a backbone left out) are dropped. Keys under `head_prefixes` that are missing or of another
-    shape leave the head as initialised, with a warning (fine-tuning to another number of classes).
+    stages a backbone left out) are dropped. Keys under `head_prefixes` (the class-specific layers)
+    that are missing or of another shape leave the head as initialised, with a warning (fine-tuning
+    to another number of classes); with `fresh_heads=False` they are errors too, whose message
+    suggests `fresh_heads=True`.
     """
     if hasattr(model, "convert_state_dict"):
         state_dict = model.convert_state_dict(state_dict)
@@ -137,7 +187,7 @@ def load_state_dict(
     state_dict = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in top_level}
 
     def is_head(key: str) -> bool:
-        return key.startswith(head_prefixes) if head_prefixes else False
+        return key.startswith(head_prefixes) if head_prefixes and fresh_heads else False
 
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
@@ -154,7 +204,15 @@ def load_state_dict(
         shapes = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched[:20])
         problems.append(f"shape mismatches ({len(mismatched)}): {shapes}")
     if problems:
-        raise WeightsError(f"{source} do not fit {type(model).__name__}: " + " | ".join(problems))
+        message = f"{source} do not fit {type(model).__name__}: " + " | ".join(problems)
+        keys = [m[0] for m in mismatched] + missing
+        if head_prefixes and not fresh_heads and not unexpected and all(k.startswith(head_prefixes) for k in keys):
+            message += (
+                f". Only the class-specific layers ({', '.join(head_prefixes)}) differ, as with another number of "
+                "classes: pass fresh_heads=True (in a config: model.fresh_heads: true) to load everything else "
+                "and start them fresh"
+            )
+        raise WeightsError(message)
     if head_issues:
         logger.warning("%s: head left as initialised for %s", source, ", ".join(head_issues))
         state_dict = {k: v for k, v in state_dict.items() if k not in head_issues}

@@ -27,13 +27,21 @@ from torch.utils.data import (
 )
 from torchvision import tv_tensors
 
+from backbones.distributed import eval_sampler
 from backbones.shapes import (
     ShapesPaths,
     generate_shapes,
     shapes_categories,
     shapes_root,
 )
-from detection.samplers import GroupedBatchSampler, train_sampler
+from detection.samplers import (
+    GroupedBatchSampler,
+    SeededSamples,
+    global_seed,
+    restore_training_state,
+    train_sampler,
+    training_state,
+)
 from detection.transforms import train_transforms, val_transforms
 
 __all__ = [
@@ -129,8 +137,8 @@ def contiguous_labels(categories: Iterable[dict]) -> dict[int, int]:
     return {label: category_id for label, category_id in enumerate(sorted(c["id"] for c in categories), 1)}
 
 
-def read_rgb_image(path: Path, height: int, width: int) -> np.ndarray:
-    """Decodes an image with OpenCV into RGB (H, W, 3) uint8, checking its size.
+def read_rgb_image(path: Path, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """Decodes an image with OpenCV into RGB (H, W, 3) uint8, checking its size if given.
 
     Raises:
         ImageFileError: the file cannot be decoded, is a truncated JPEG (which OpenCV
@@ -142,7 +150,7 @@ def read_rgb_image(path: Path, height: int, width: int) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise ImageFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
-    if image.shape[:2] != (height, width):
+    if height is not None and image.shape[:2] != (height, width):
         raise ImageFileError(
             f"{path}: decoded size {image.shape[0]}x{image.shape[1]} (HxW) differs from "
             f"the {height}x{width} given in the annotation file"
@@ -203,12 +211,15 @@ class CocoDetection(Dataset):
         self.category_id_to_label = {c: label for label, c in self.label_to_category_id.items()}
         names = [self.coco.cats[c]["name"] for c in self.label_to_category_id.values()]
         self.category_names = ["__background__", *names]
-        self._targets, self.num_dropped_boxes = self._select_annotations()
-        if self.num_dropped_boxes:
+        self._targets, dropped = self._select_annotations()
+        self.num_dropped_boxes = len(dropped)
+        if dropped:
             logger.warning(
-                "%s: dropped %d box(es) with zero or negative width or height inside the image",
+                "%s: dropped %d box(es) with zero or negative width or height inside the image (annotation ids %s)",
                 self.annotations,
-                self.num_dropped_boxes,
+                len(dropped),
+                ", ".join(map(str, dropped[:MAX_NAMES_IN_ERROR]))
+                + (", ..." if len(dropped) > MAX_NAMES_IN_ERROR else ""),
             )
 
     @property
@@ -258,9 +269,9 @@ class CocoDetection(Dataset):
                 f"from {self.images}, e.g. {', '.join(missing[:MAX_NAMES_IN_ERROR])}"
             )
 
-    def _select_annotations(self) -> tuple[dict[int, list[dict]], int]:
-        """Per image, the annotations used as training targets; also the dropped-box count."""
-        targets, num_dropped = {}, 0
+    def _select_annotations(self) -> tuple[dict[int, list[dict]], list[int]]:
+        """Per image, the annotations used as training targets; also the ids of the dropped boxes."""
+        targets, dropped = {}, []
         for image_id in self.ids:
             info = self.coco.imgs[image_id]
             kept = []
@@ -270,14 +281,21 @@ class CocoDetection(Dataset):
                 if _has_area(_xyxy_in_image(annotation["bbox"], info["width"], info["height"])):
                     kept.append(annotation)
                 else:
-                    num_dropped += 1
+                    dropped.append(annotation["id"])
             targets[image_id] = kept
-        return targets, num_dropped
+        return targets, dropped
 
     def _masks(self, annotations: list[dict], height: int, width: int) -> torch.Tensor:
         if not annotations:
             return torch.zeros((0, height, width), dtype=torch.uint8)
-        return torch.from_numpy(np.stack([self.coco.annToMask(a) for a in annotations]))
+        masks = [self.coco.annToMask(a) for a in annotations]
+        for annotation, mask in zip(annotations, masks):
+            if mask.shape != (height, width):  # an RLE carries its own size
+                raise AnnotationFileError(
+                    f"{self.annotations}: annotation id {annotation['id']} has a {mask.shape[0]}x{mask.shape[1]} (HxW) "
+                    f"mask, but its image {annotation['image_id']} is {height}x{width}"
+                )
+        return torch.from_numpy(np.stack(masks))
 
 
 def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[list, list]:
@@ -335,6 +353,7 @@ class CocoDetectionDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.datasets: dict[str, CocoDetection] = {}
         self._category_list: list[dict] | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done), from a checkpoint
 
     @property
     def num_classes(self) -> int:
@@ -366,15 +385,34 @@ class CocoDetectionDataModule(L.LightningDataModule):
             self._dataset(split)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self._dataset("train")
-        batch_sampler = GroupedBatchSampler(train_sampler(dataset), dataset.aspect_ratio_group_ids(), self.batch_size)
-        return self._loader(dataset, batch_sampler=batch_sampler)
+        # Shuffle, batches and augmentations follow from (seed, epoch, index): a resumed run sees the
+        # same batches as an uninterrupted one (see detection.samplers).
+        dataset, seed = self._dataset("train"), global_seed()
+        batch_sampler = GroupedBatchSampler(
+            train_sampler(dataset, seed), dataset.aspect_ratio_group_ids(), self.batch_size, seed=seed
+        )
+        if self._resume_at is not None:
+            batch_sampler.resume_at(*self._resume_at)
+            self._resume_at = None
+        generator = torch.Generator().manual_seed(seed)  # worker seeds, without drawing from the global RNG
+        return self._loader(SeededSamples(dataset), batch_sampler=batch_sampler, generator=generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the epoch, the batches done in it and the RNG state, for a mid-epoch resume."""
+        return training_state(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_at = restore_training_state(state_dict)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val"), batch_size=self.val_batch_size, shuffle=False)
+        return self._eval_loader(self._dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test"), batch_size=self.val_batch_size, shuffle=False)
+        return self._eval_loader(self._dataset("test"))
+
+    def _eval_loader(self, dataset: CocoDetection) -> DataLoader:
+        # Each image on exactly one rank, no padding copies (see backbones.distributed).
+        return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
 
     def _categories(self) -> list[dict]:
         if self._category_list is None:

@@ -16,8 +16,8 @@ from typing import Any
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -59,14 +59,14 @@ def _choice(value: str, allowed: Sequence[str], what: str) -> str:
 
 def _neck(
     neck: str, backbone: str, *, backbone_weights: str | None, norm: str, frozen_stages: int, fpn_norm: str | None,
-    backbone_kwargs: dict,
+    fpn_channels: int, backbone_kwargs: dict,
 ) -> tuple[nn.Module, list[str]]:
     """The backbone with its neck, and the feature names the RoI heads pool from."""
     if neck == "fpn":
         body = create_backbone(
             backbone, weights=backbone_weights, norm=norm, frozen_stages=frozen_stages, **backbone_kwargs
         )
-        module = FPN(body, out_channels=256, top_block="maxpool", norm=fpn_norm)
+        module = FPN(body, out_channels=fpn_channels, top_block="maxpool", norm=fpn_norm)
         roi_features = [info.name for info in module.feature_info[:-1]]  # p2..p5; p6 feeds the RPN only
     else:  # dc5: C5 with dilation instead of the last stride, no FPN (detectron2's DC5)
         module = create_backbone(
@@ -99,11 +99,16 @@ def build_model(
     norm: str | None = None,
     frozen_stages: int | None = None,
     fpn_norm: str | None = None,
+    fpn_channels: int = 256,
     head_norm: str = "bn",
+    box_head_dim: int = 1024,
+    mask_head_convs: int = 4,
+    roi_sampling_ratio: int = 2,
     anchor_sizes: Sequence[int] | None = None,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     resize_in_training: bool = True,
     backbone_kwargs: dict | None = None,
+    fresh_heads: bool = False,
     **overrides: Any,
 ) -> FasterRCNN | MaskRCNN:
     """Builds a Faster or Mask R-CNN; torchvision's calling convention and checkpoint layout.
@@ -120,7 +125,15 @@ def build_model(
             (the stem and first stage frozen, detectron2's and torchvision's practice); from scratch
             "bn" and -1.
         fpn_norm: norm inside the FPN (default: none for v1, "bn" for v2 as torchvision).
+        fpn_channels: channels of the FPN outputs and of every head's convs (detectron2's
+            FPN.OUT_CHANNELS); 256 as torchvision. Smaller is much cheaper for small data.
+        box_head_dim: width of the box head's fully connected layers (1024, detectron2's FC_DIM).
+        mask_head_convs: 3x3 convs of the mask head before its upsampling (4, detectron2's NUM_CONV).
+        roi_sampling_ratio: bilinear samples per RoIAlign bin side (torchvision's 2; 0 = adaptive).
         resize_in_training: False when the data pipeline has already resized training images.
+        fresh_heads: with `weights` of another number of classes, load everything but the
+            class-specific layers (`HEAD_PREFIXES`), which keep their fresh initialisation
+            (fine-tuning, e.g. from COCO to a new dataset); without it such weights are an error.
         **overrides: passed to torchvision's FasterRCNN/MaskRCNN (min_size, max_size,
             rpn_pre_nms_top_n_train, box_batch_size_per_image, box_detections_per_img, ...).
     """
@@ -141,38 +154,49 @@ def build_model(
             warnings.filterwarnings("ignore", message=".*freeze randomly initialised weights.*")
         body, roi_features = _neck(
             neck_name, settings["backbone"], backbone_weights=backbone_weights, norm=norm,
-            frozen_stages=frozen_stages, fpn_norm=fpn_norm, backbone_kwargs=backbone_kwargs or {},
+            frozen_stages=frozen_stages, fpn_norm=fpn_norm, fpn_channels=fpn_channels,
+            backbone_kwargs=backbone_kwargs or {},
         )
     num_levels = len(body.feature_info)
     anchor_generator = _anchors(num_levels, anchor_sizes, aspect_ratios)
     channels = body.out_channels
     parts: dict[str, Any] = dict(
         rpn_anchor_generator=anchor_generator,
-        box_roi_pool=MultiScaleRoIAlign(roi_features, output_size=7, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(roi_features, output_size=7, sampling_ratio=roi_sampling_ratio),
     )
     head_norm_layer = get_norm_layer(head_norm)
     if head_name == "v2":
         parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
-        parts["box_head"] = FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=head_norm_layer)
+        parts["box_head"] = FastRCNNConvFCHead(
+            (channels, 7, 7), [channels] * 4, [box_head_dim], norm_layer=head_norm_layer
+        )
     else:
         parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
-        parts["box_head"] = TwoMLPHead(channels * 7 * 7, 1024)
+        parts["box_head"] = TwoMLPHead(channels * 7 * 7, box_head_dim)
+    parts["box_predictor"] = FastRCNNPredictor(box_head_dim, num_classes)
     if settings["architecture"] == "mask_rcnn":
-        parts["mask_roi_pool"] = MultiScaleRoIAlign(roi_features, output_size=14, sampling_ratio=2)
+        parts["mask_roi_pool"] = MultiScaleRoIAlign(roi_features, output_size=14, sampling_ratio=roi_sampling_ratio)
         mask_norm = head_norm_layer if head_name == "v2" else None
-        parts["mask_head"] = MaskRCNNHeads(channels, [256] * 4, 1, norm_layer=mask_norm)
-        model = MaskRCNN(body, num_classes=num_classes, **parts, **overrides)
+        parts["mask_head"] = MaskRCNNHeads(channels, [channels] * mask_head_convs, 1, norm_layer=mask_norm)
+        parts["mask_predictor"] = MaskRCNNPredictor(channels, channels, num_classes)
+        model = MaskRCNN(body, **parts, **overrides)
     else:
-        model = FasterRCNN(body, num_classes=num_classes, **parts, **overrides)
+        model = FasterRCNN(body, **parts, **overrides)
     model.transform._skip_resize = not resize_in_training
     if weights is not None:
-        load_detector_weights(model, weights)
+        load_detector_weights(model, weights, fresh_heads=fresh_heads)
     return model
 
 
 def load_detector_weights(model: nn.Module, weights: str, *, fresh_heads: bool = False) -> None:
-    """Loads a whole-detector checkpoint; with `fresh_heads` the class-specific layers may differ in shape."""
+    """Loads a whole-detector checkpoint; with `fresh_heads` the class-specific layers may differ in shape.
+
+    Raises:
+        WeightsError: a key is missing, unexpected or of another shape (each named, with both shapes);
+            when only the class-specific layers differ, the message suggests `fresh_heads=True`.
+    """
     path = fetch_weights(weights, table=DETECTION_WEIGHTS)
     load_state_dict(
-        model, read_state_dict(path), head_prefixes=HEAD_PREFIXES if fresh_heads else (), source=f"weights {weights!r}"
-    )
+        model, read_state_dict(path), head_prefixes=HEAD_PREFIXES, fresh_heads=fresh_heads,
+        source=f"weights {weights!r}",
+    )  # fmt: skip

@@ -1,16 +1,55 @@
-"""Training samplers: aspect-ratio grouped batches over a seeded, DDP-aware shuffle."""
+"""Training samplers: aspect-ratio grouped batches over a seeded, DDP-aware shuffle, resumable mid-epoch.
+
+A run killed mid-epoch and resumed from its last checkpoint trains on the same batches, with the
+same augmentations, as a run that was never stopped:
+
+- the shuffle is a function of (seed, epoch) (`train_sampler`), and `GroupedBatchSampler.resume_at`
+  makes the first pass after a restart skip the batches already trained on;
+- with a `seed`, `GroupedBatchSampler` yields `SampleKey(index, seed)` and `SeededSamples` runs each
+  sample's random transforms from that seed, so an augmentation depends on (seed, epoch, index) only,
+  not on the RNG history of the process, the number of workers or a restart;
+- `training_state(trainer)` records the epoch, the batches done in it and the global RNG state (which
+  the model's own sampling draws from) in the checkpoint; `restore_training_state` puts them back.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
-__all__ = ["GroupedBatchSampler", "train_sampler"]
+if TYPE_CHECKING:
+    import lightning as L
+
+__all__ = [
+    "GroupedBatchSampler",
+    "SampleKey",
+    "SeededSamples",
+    "global_seed",
+    "restore_training_state",
+    "train_sampler",
+    "training_state",
+]
+
+
+class SampleKey(NamedTuple):
+    """A dataset index and the seed of that sample's random transforms."""
+
+    index: int
+    seed: int
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch."""
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0] >> 1)
 
 
 class GroupedBatchSampler(BatchSampler):
@@ -26,13 +65,42 @@ class GroupedBatchSampler(BatchSampler):
         sampler: yields dataset indices, e.g. a ``DistributedSampler`` for this rank.
         group_ids: group id of every dataset index.
         batch_size: size of every batch but the last ones.
+        seed: if given, batches hold ``SampleKey(index, seed)`` with a seed drawn from
+            (seed, epoch, index), for a dataset wrapped in ``SeededSamples``.
     """
 
-    def __init__(self, sampler: Sampler[int] | Iterable[int], group_ids: Sequence[int], batch_size: int) -> None:
+    def __init__(
+        self,
+        sampler: Sampler[int] | Iterable[int],
+        group_ids: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int | None = None,
+    ) -> None:
         super().__init__(sampler, batch_size, drop_last=False)
         self.group_ids = list(group_ids)
+        self.seed = seed
+        self._epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) for the next pass
 
-    def __iter__(self) -> Iterator[list[int]]:
+    @property
+    def epoch(self) -> int:
+        """The sampler's epoch (Lightning sets it on the sampler, not on the batch sampler), else ours."""
+        return getattr(self.sampler, "epoch", self._epoch)
+
+    def __iter__(self) -> Iterator[list[int] | list[SampleKey]]:
+        epoch = self.epoch
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
+        for position, batch in enumerate(self._batches()):
+            if position < skip:
+                continue
+            if self.seed is None:
+                yield batch
+            else:
+                yield [SampleKey(index, sample_seed(self.seed, epoch, index)) for index in batch]
+
+    def _batches(self) -> Iterator[list[int]]:
         buffers: dict[int, list[int]] = defaultdict(list)
         for index in self.sampler:
             buffer = buffers[self.group_ids[index]]
@@ -49,14 +117,83 @@ class GroupedBatchSampler(BatchSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Forwards the epoch to the sampler, so that its shuffle changes every epoch."""
+        self._epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Sets the epoch; the next pass over it skips its first `batches_done` batches (once)."""
+        if not 0 <= batches_done <= len(self):
+            raise ValueError(f"batches_done={batches_done}; an epoch here has {len(self)} batches")
+        self.set_epoch(epoch)
+        self._resume = (epoch, batches_done)
 
-def train_sampler(dataset: Dataset) -> DistributedSampler:
+
+class SeededSamples(Dataset):
+    """Runs ``dataset[key.index]`` with the CPU RNG seeded from ``key.seed`` (then restored).
+
+    Plain indices pass through unseeded. The global RNG outside is left as it was, so the
+    model's own random sampling does not depend on how many images were loaded.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | SampleKey) -> Any:
+        if not isinstance(key, SampleKey):
+            return self.dataset[key]
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(key.seed)  # the CPU generator only; CUDA's is the model's
+            return self.dataset[key.index]
+
+
+def global_seed() -> int:
+    """The seed of `seed_everything` (LightningCLI's `seed_everything`), 0 without one."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
+def train_sampler(dataset: Dataset, seed: int | None = None) -> DistributedSampler:
     # A one-replica DistributedSampler outside DDP: unlike RandomSampler it shuffles
     # from seed + epoch, so an epoch's order is reproducible, also after resuming.
-    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    seed = global_seed() if seed is None else seed
     if dist.is_available() and dist.is_initialized():
         return DistributedSampler(dataset, shuffle=True, seed=seed)
     return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+
+
+def training_state(trainer: L.Trainer) -> dict[str, Any]:
+    """Where a fit stands, for a data module's `state_dict`: the epoch, the batches done in it and the RNG.
+
+    Called while a checkpoint is written. After the last batch of an epoch it points at the
+    start of the next one. Outside fitting it is empty.
+    """
+    if trainer is None or trainer.state.fn != "fit":
+        return {}
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    epoch, done = trainer.current_epoch, progress.current.processed  # processed: batches whose step ran
+    if progress.is_last_batch or done >= trainer.num_training_batches:
+        epoch, done = epoch + 1, 0
+    state: dict[str, Any] = {"epoch": epoch, "batches_done": done, "torch_rng_state": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng_states"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_training_state(state: dict[str, Any]) -> tuple[int, int] | None:
+    """Puts back the RNG state of `training_state` and returns its (epoch, batches_done), or None if empty.
+
+    Lightning restores a data module's state after the model is built and before the training
+    loader is made, so the RNG continues exactly where the checkpointed run was.
+    """
+    if not state:
+        return None
+    # Lightning looks for a state_dict on the DataLoader itself, finds none and would warn that this
+    # mid-epoch resume is unreliable; the data module restores the position instead.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_states" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng_states"])
+    return int(state["epoch"]), int(state["batches_done"])

@@ -9,7 +9,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from backbones.training import LRSchedule, check_finite_losses, param_groups, steps_per_epoch
+from backbones.training import (
+    LRSchedule,
+    batch_scaled_lr,
+    check_finite_losses,
+    param_groups,
+    prepare_task_model,
+    steps_per_epoch,
+)
 
 from .evaluation import COCOEvaluator
 from .models import PRESETS, build_model
@@ -24,6 +31,9 @@ class DetectionTask(L.LightningModule):
         model: a preset name or "faster_rcnn"/"mask_rcnn" (see `detection.models.PRESETS`).
         num_classes: including background; None takes it from the data module's categories.
         weights, backbone_weights: see `build_model`.
+        fresh_heads: with `weights` of another number of classes (fine-tuning from COCO to a new
+            dataset), load all but the class-specific layers, which start fresh; without it such
+            weights are an error that names the mismatched keys and shapes.
         model_options: more `build_model` arguments (backbone, neck, head, norm, anchor_sizes,
             min_size, max_size, rpn_*/box_* settings ...).
         lr: base learning rate of SGD (momentum `momentum`, weight decay `weight_decay`).
@@ -34,6 +44,9 @@ class DetectionTask(L.LightningModule):
         eval_backend: "auto", "pycocotools" or "faster_coco_eval".
         category_names, label_to_category_id: filled from the data module and saved with the
             checkpoint, so inference can name classes and write COCO category ids.
+        lr_reference_batch_size: scale `lr` with the global batch: lr * global_batch / this, where
+            global_batch = batch_size * devices * num_nodes * accumulate_grad_batches; None: no scaling.
+        channels_last: run the convolutions in channels-last memory (faster with bf16/fp16 on GPUs).
     """
 
     def __init__(
@@ -43,6 +56,7 @@ class DetectionTask(L.LightningModule):
         num_classes: int | None = None,
         weights: str | None = None,
         backbone_weights: str | None = None,
+        fresh_heads: bool = False,
         model_options: dict[str, Any] | None = None,
         lr: float = 0.02,
         momentum: float = 0.9,
@@ -56,6 +70,8 @@ class DetectionTask(L.LightningModule):
         eval_backend: str = "auto",
         category_names: list[str] | None = None,
         label_to_category_id: dict[int, int] | None = None,
+        lr_reference_batch_size: int | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -70,6 +86,7 @@ class DetectionTask(L.LightningModule):
             num_classes=num_classes,
             weights=self.hparams.weights,
             backbone_weights=self.hparams.backbone_weights,
+            fresh_heads=self.hparams.fresh_heads,
             **options,
         )
 
@@ -95,6 +112,9 @@ class DetectionTask(L.LightningModule):
             )
         self.hparams.category_names = list(datamodule.category_names)
         self.hparams.label_to_category_id = dict(datamodule.label_to_category_id)
+
+    def configure_model(self) -> None:
+        prepare_task_model(self, channels_last=self.hparams.channels_last)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         return self.model(images, targets)
@@ -156,7 +176,8 @@ class DetectionTask(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        optimizer = torch.optim.SGD(param_groups(self.model, hp.weight_decay), lr=hp.lr, momentum=hp.momentum)
+        lr = batch_scaled_lr(hp.lr, hp.lr_reference_batch_size, self.trainer)
+        optimizer = torch.optim.SGD(param_groups(self.model, hp.weight_decay), lr=lr, momentum=hp.momentum)
         total = int(self.trainer.estimated_stepping_batches)
         milestones = list(hp.milestones)
         if hp.milestones_unit == "epoch":

@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+from backbones.distributed import eval_sampler
 from backbones.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 
 from .transforms import IGNORE_INDEX, train_transforms, val_transforms
@@ -58,11 +59,20 @@ class LabelFileError(ValueError):
 
 
 def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an image with OpenCV into RGB (H, W, 3) uint8."""
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    """Decodes an image with OpenCV into RGB (H, W, 3) uint8; a corrupt or truncated file is a `LabelFileError`."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if _is_truncated_jpeg(data.tobytes()):
+        raise LabelFileError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise LabelFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _is_truncated_jpeg(data: bytes) -> bool:
+    # OpenCV fills a truncated JPEG with grey without an error. Entropy-coded data escapes 0xFF, so
+    # a complete JPEG has its end-of-image marker (FFD9) after its last start-of-scan (FFDA).
+    return data.startswith(b"\xff\xd8") and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
 
 
 def read_label_mask(path: str | os.PathLike) -> np.ndarray:
@@ -190,6 +200,12 @@ def load_coco(path: str | os.PathLike) -> COCO:
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
         coco.createIndex()
+    for annotation in dataset["annotations"]:  # an unknown id would silently become background
+        if annotation.get("category_id") not in coco.cats or annotation.get("image_id") not in coco.imgs:
+            raise LabelFileError(
+                f"{path}: annotation id {annotation.get('id')} refers to category_id {annotation.get('category_id')} "
+                f"and image_id {annotation.get('image_id')}; the file's category ids are {sorted(coco.cats)}"
+            )
     return coco
 
 
@@ -242,13 +258,22 @@ class CocoSegmentation(Dataset):
             if annotation["category_id"] in self.label_of and bool(annotation.get("iscrowd", 0)) == crowd:
                 yield annotation
 
+    def _instance_mask(self, annotation: dict, shape: tuple[int, int]) -> np.ndarray:
+        instance = self.coco.annToMask(annotation).astype(bool)
+        if instance.shape != shape:  # an RLE carries its own size
+            raise LabelFileError(
+                f"{self.annotations}: annotation id {annotation['id']} has a {instance.shape[0]}x{instance.shape[1]} "
+                f"(HxW) mask, but its image {annotation['image_id']} is {shape[0]}x{shape[1]}"
+            )
+        return instance
+
     def semantic_mask(self, image_id: int) -> np.ndarray:
         """The (H, W) uint8 class mask of an image, at the size its JSON entry gives."""
         info = self.coco.imgs[image_id]
         mask = np.zeros((info["height"], info["width"]), np.uint8)
         coverage = np.zeros(mask.shape, np.uint8)  # 1: one class so far, 2: classes clash
         for annotation in self._instances(image_id, crowd=False):
-            instance = self.coco.annToMask(annotation).astype(bool)
+            instance = self._instance_mask(annotation, mask.shape)
             label = self.label_of[annotation["category_id"]]
             clash = instance & (coverage > 0) & (mask != label)
             coverage[instance & (coverage == 0)] = 1
@@ -256,7 +281,7 @@ class CocoSegmentation(Dataset):
             mask[instance & (coverage == 1)] = label
         mask[coverage == 2] = IGNORE_INDEX
         for annotation in self._instances(image_id, crowd=True):
-            mask[self.coco.annToMask(annotation).astype(bool)] = IGNORE_INDEX
+            mask[self._instance_mask(annotation, mask.shape)] = IGNORE_INDEX
         return mask
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
@@ -381,13 +406,17 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.val_batch_size)
+        return self._eval_loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.val_batch_size)
+        return self._eval_loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self._predict_split()), self.val_batch_size)
+        return self._eval_loader(self.dataset(self._predict_split()))
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        # Each image on exactly one rank, no padding copies: the confusion matrix is summed over ranks.
+        return self._loader(dataset, self.val_batch_size, sampler=eval_sampler(dataset))
 
     def _predict_split(self) -> str:
         return "test" if "test" in self.available_splits() else "val"

@@ -199,5 +199,6 @@ def load_segmentation_weights(model: nn.Module, weights: str, *, fresh_heads: bo
     """
     path = fetch_weights(weights, table=SEGMENTATION_WEIGHTS)
     load_state_dict(
-        model, read_state_dict(path), head_prefixes=HEAD_PREFIXES if fresh_heads else (), source=f"weights {weights!r}"
-    )
+        model, read_state_dict(path), head_prefixes=HEAD_PREFIXES, fresh_heads=fresh_heads,
+        source=f"weights {weights!r}",
+    )  # fmt: skip

@@ -7,10 +7,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
 
-from backbones.training import LRSchedule, check_finite_losses, param_groups
+from backbones.training import (
+    LRSchedule,
+    batch_scaled_lr,
+    check_finite_losses,
+    param_groups,
+    prepare_task_model,
+)
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
@@ -29,8 +36,11 @@ class SegmentationTask(L.LightningModule):
         num_classes: background included; None takes it from the data module.
         backbone: overrides the preset's backbone (any registered name or `timm/<model>`).
         weights, backbone_weights, output_stride, aux_loss: see `build_model`.
+        fresh_heads: with `weights` of another number of classes (fine-tuning), load all but the
+            class-specific layers, which start fresh; without it such weights are an error that
+            names the mismatched keys and shapes.
         model_options: more `build_model` arguments (norm, frozen_stages, multi_grid,
-            atrous_rates, aspp_channels, decoder_channels, separable, fresh_heads, ...).
+            atrous_rates, aspp_channels, decoder_channels, separable, ...).
         aux_weight: weight of the aux head's loss (0.4 as in PSPNet; torchvision's references use 0.5).
         lr, momentum, weight_decay: SGD settings.
         schedule, power: the decay after warmup: "poly" ((1 - t)^power, DeepLab's) or another of
@@ -38,6 +48,9 @@ class SegmentationTask(L.LightningModule):
         warmup_steps, warmup_factor: linear warmup from `warmup_factor * lr`.
         mean, std: input normalization (the backbone weights' statistics).
         class_names: filled from the data module and saved with the checkpoint (for inference).
+        lr_reference_batch_size: scale `lr` with the global batch: lr * global_batch / this, where
+            global_batch = batch_size * devices * num_nodes * accumulate_grad_batches; None: no scaling.
+        channels_last: run the model in channels-last memory (faster with bf16/fp16 on GPUs).
     """
 
     def __init__(
@@ -48,6 +61,7 @@ class SegmentationTask(L.LightningModule):
         backbone: str | None = None,
         weights: str | None = None,
         backbone_weights: str | None = None,
+        fresh_heads: bool = False,
         output_stride: int = 16,
         aux_loss: bool = False,
         model_options: dict[str, Any] | None = None,
@@ -62,6 +76,8 @@ class SegmentationTask(L.LightningModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         class_names: list[str] | None = None,
+        lr_reference_batch_size: int | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -69,12 +85,16 @@ class SegmentationTask(L.LightningModule):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.model = self._build(num_classes) if num_classes is not None else None
         self.evaluator: SegmentationEvaluator | None = None
+        # Weighted means summed over ranks: Lightning's own synced mean (self.log(sync_dist=True)) floors the
+        # image count when ranks evaluate different numbers of images (Lightning issue 21859).
+        self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
     def _build(self, num_classes: int) -> torch.nn.Module:
         hp = self.hparams
         return build_model(
             hp.model, num_classes=num_classes, weights=hp.weights, backbone_weights=hp.backbone_weights,
-            output_stride=hp.output_stride, aux_loss=hp.aux_loss, backbone=hp.backbone, **(hp.model_options or {}),
+            output_stride=hp.output_stride, aux_loss=hp.aux_loss, backbone=hp.backbone, fresh_heads=hp.fresh_heads,
+            **(hp.model_options or {}),
         )  # fmt: skip
 
     def setup(self, stage: str) -> None:
@@ -90,6 +110,9 @@ class SegmentationTask(L.LightningModule):
         elif self.hparams.num_classes != data_classes:
             raise ValueError(f"model.num_classes={self.hparams.num_classes}, but the data has {data_classes} classes")
         self.hparams.class_names = list(datamodule.class_names)
+
+    def configure_model(self) -> None:
+        prepare_task_model(self, channels_last=self.hparams.channels_last)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Logits `out` (and `aux`) (N, num_classes, H, W) of images in [0, 1] (N, 3, H, W)."""
@@ -119,7 +142,8 @@ class SegmentationTask(L.LightningModule):
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, masks = batch
         logits = self(images)["out"]
-        self.log(f"{stage}_loss", _cross_entropy(logits, masks), batch_size=len(images), sync_dist=True)
+        self.losses[stage].update(_cross_entropy(logits, masks), weight=len(images))
+        self.log(f"{stage}_loss", self.losses[stage], batch_size=len(images))
         self.evaluator.update(logits.argmax(1), masks)
 
     def _finish_evaluation(self, stage: str) -> None:
@@ -156,7 +180,8 @@ class SegmentationTask(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        optimizer = torch.optim.SGD(param_groups(self.model, hp.weight_decay), lr=hp.lr, momentum=hp.momentum)
+        lr = batch_scaled_lr(hp.lr, hp.lr_reference_batch_size, self.trainer)
+        optimizer = torch.optim.SGD(param_groups(self.model, hp.weight_decay), lr=lr, momentum=hp.momentum)
         schedule = LRSchedule(
             total_steps=int(self.trainer.estimated_stepping_batches), schedule=hp.schedule, power=hp.power,
             warmup_steps=hp.warmup_steps, warmup_factor=hp.warmup_factor,

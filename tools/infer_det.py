@@ -2,7 +2,14 @@
 plus a COCO results JSON.
 
     python tools/infer_det.py runs/mask_rcnn_r18_fpn_shapes/checkpoints/last.ckpt IMAGE_OR_FOLDER \
-        --output out/ [--score-threshold 0.5] [--annotations instances_val.json]
+        --output out/ [--score-threshold 0.5] [--annotations instances_val.json] [--no-fuse] [--compile]
+
+The model runs on the inference fast path by default: batch norms folded into the convs, channels-last
+memory and `torch.inference_mode()` (the same detections to float rounding); `--no-fuse` runs it as trained.
+
+Files are written to a temporary name and renamed; results.json only once every image is done. Bad input
+(a missing, corrupt, truncated or foreign checkpoint, one that would run code, an unreadable image, a
+malformed --annotations JSON) prints one line naming it and exits with status 2.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from backbones.fusion import prepare_for_inference
+from backbones.weights import load_task_checkpoint
+from detection.data import read_rgb_image
 from detection.evaluation import to_coco_results
 from detection.task import DetectionTask
 
@@ -37,11 +47,8 @@ def list_images(source: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """An RGB uint8 (3, H, W) tensor, decoded with OpenCV."""
-    bgr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"{path}: not a readable image")
-    return torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
+    """An RGB uint8 (3, H, W) tensor, decoded with OpenCV; a corrupt or truncated file is an `ImageFileError`."""
+    return torch.from_numpy(read_rgb_image(path)).permute(2, 0, 1).contiguous()
 
 
 def draw(image: torch.Tensor, prediction: dict, names: list[str], threshold: float) -> np.ndarray:
@@ -58,11 +65,13 @@ def draw(image: torch.Tensor, prediction: dict, names: list[str], threshold: flo
 
 
 def write_atomically(path: Path, write) -> None:
+    """Calls `write(temporary_path)`, then renames the file to `path`: never a half-written file at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        write(tmp)
+        if write(tmp) is False:  # cv2.imwrite reports failure by its result
+            raise OSError(f"could not write {path}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -72,8 +81,14 @@ def write_atomically(path: Path, write) -> None:
 def image_ids_for(images: list[Path], annotations: str | None) -> list[int]:
     if annotations is None:
         return list(range(1, len(images) + 1))
-    with open(annotations) as f:
-        by_name = {Path(im["file_name"]).name: im["id"] for im in json.load(f)["images"]}
+    try:
+        entries = json.loads(Path(annotations).read_text())["images"]
+        by_name = {Path(im["file_name"]).name: im["id"] for im in entries}
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        raise ValueError(f"{annotations}: invalid JSON at {where}: {error.msg}") from error
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{annotations}: not a COCO file with 'images' entries of 'id' and 'file_name'") from error
     missing = [p.name for p in images if p.name not in by_name]
     if missing:
         raise ValueError(f"{annotations}: no image entry for {', '.join(missing[:5])}")
@@ -88,17 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-threshold", type=float, default=0.5, help="drawn boxes only; the JSON keeps all")
     parser.add_argument("--annotations", help="a COCO JSON whose image ids the results should use")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-fuse", action="store_true", help="keep the batch norms and the default memory layout")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and FPN")
     args = parser.parse_args(argv)
     try:
         images = list_images(Path(args.source))
         image_ids = image_ids_for(images, args.annotations)
-        if not Path(args.checkpoint).is_file():
-            raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint")
-        task = DetectionTask.load_from_checkpoint(args.checkpoint, map_location=args.device, weights_only=True)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        task = load_task_checkpoint(DetectionTask, args.checkpoint, map_location=args.device)
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as error:  # WeightsError, ImageFileError are ValueErrors
         print(f"infer_det: error: {error}", file=sys.stderr)
         return 2
-    model = task.model.eval().to(args.device)
+    model = prepare_for_inference(
+        task.model.to(args.device), fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
+    )
     names = task.hparams.category_names or []
     output = Path(args.output)
     predictions = []

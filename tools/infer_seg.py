@@ -3,9 +3,13 @@
     python tools/infer_seg.py runs/deeplabv3plus_r18_os16_shapes/checkpoints/last.ckpt image.jpg
     python tools/infer_seg.py last.ckpt images/ --output overlays/ --alpha 0.6 --size 512 --save-masks
 
+The model runs on the inference fast path by default: batch norms folded into the convs, channels-last
+memory and ``torch.inference_mode()``; ``--no-fuse`` runs it as trained, ``--compile`` compiles the backbone.
+
 Writes ``<stem>_overlay.png`` (and with ``--save-masks`` ``<stem>_mask.png``, the class indices)
 per image into the output folder. Files are written to a temporary name and renamed, so an
-interrupted run never leaves a half-written picture.
+interrupted run never leaves a half-written picture. Bad input (a missing, corrupt, truncated or foreign
+checkpoint, one that would run code, an unreadable image) prints one line naming it and exits with status 2.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import cv2
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from segmentation.data import IMAGE_EXTENSIONS, read_rgb_image
+from backbones.fusion import prepare_for_inference
+from backbones.weights import load_task_checkpoint
+from segmentation.data import IMAGE_EXTENSIONS, LabelFileError, read_rgb_image
 from segmentation.task import SegmentationTask
 
 BACKGROUND_NAMES = ("__background__", "background")
@@ -50,7 +57,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: list[str], alpha
     return np.where(blend, mixed, image).round().astype(np.uint8)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(task: SegmentationTask, image: np.ndarray, size: int | None = None) -> np.ndarray:
     """Class indices (H, W) of an RGB uint8 image, optionally run with its shorter side at ``size``."""
     height, width = image.shape[:2]
@@ -89,10 +96,14 @@ def list_images(path: Path) -> list[Path]:
 
 def load_task(checkpoint: Path, device: str) -> SegmentationTask:
     # Weights come from the checkpoint: nothing to download for the backbone or the whole model.
-    task = SegmentationTask.load_from_checkpoint(
-        checkpoint, map_location=device, weights=None, backbone_weights=None
-    )
+    task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device, weights=None, backbone_weights=None)
     return task.eval()
+
+
+def fail(error: Exception) -> NoReturn:
+    """Bad input: one line on stderr naming the culprit, exit status 2 (as for bad arguments)."""
+    print(f"infer_seg: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="run with the shorter side at this size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--save-masks", action="store_true", help="also write the class indices as PNG")
+    parser.add_argument("--no-fuse", action="store_true", help="keep the batch norms and the default memory layout")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     args = parser.parse_args(argv)
     for path, what in ((args.checkpoint, "checkpoint"), (args.input, "input")):
         if not path.exists():
@@ -112,18 +125,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"checkpoint {str(args.checkpoint)!r} is a folder; give the .ckpt file")
     if not 0 <= args.alpha <= 1:
         parser.error(f"--alpha={args.alpha}; choose a value in 0..1")
+    if args.size is not None and args.size < 1:
+        parser.error(f"--size={args.size}; give a positive shorter side in pixels")
     return args
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    images = list_images(args.input)
-    task = load_task(args.checkpoint, args.device)
+    try:
+        images = list_images(args.input)
+        task = load_task(args.checkpoint, args.device)
+        args.output.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as error:  # WeightsError is a ValueError
+        fail(error)
+    prepare_for_inference(
+        task.model, fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
+    )
     class_names = task.hparams.class_names or [str(i) for i in range(task.hparams.num_classes)]
-    args.output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
-        image = read_rgb_image(path)
+        try:
+            image = read_rgb_image(path)
+        except (OSError, LabelFileError) as error:  # corrupt or truncated: the pictures so far are complete
+            fail(error)
         labels = predict(task, image, args.size)
         target = args.output / f"{path.stem}_overlay.png"
         write_png_atomic(target, cv2.cvtColor(overlay(image, labels, class_names, args.alpha), cv2.COLOR_RGB2BGR))

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from backbones.distributed import eval_sampler
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
 
 from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
@@ -283,13 +284,17 @@ class ImageFolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.dirs["val"] is None:  # fitting without validation
             return []
-        return self._loader(self.dataset("val"), self.val_batch_size)
+        return self._eval_loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.val_batch_size)
+        return self._eval_loader(self.dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.val_batch_size)
+        return self._eval_loader(self.dataset("test"))
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        # Each image on exactly one rank, no padding copies: top-k counts are summed over ranks.
+        return self._loader(dataset, self.val_batch_size, sampler=eval_sampler(dataset))
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(

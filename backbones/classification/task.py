@@ -12,10 +12,18 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones.registry import create_model
-from backbones.training import LRSchedule, check_finite_losses, param_groups, steps_per_epoch
+from backbones.training import (
+    LRSchedule,
+    batch_scaled_lr,
+    check_finite_losses,
+    param_groups,
+    prepare_task_model,
+    steps_per_epoch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,7 @@ class ClassificationTask(L.LightningModule):
             evaluate with it and save it in the checkpoint (keys `ema.module.*`); None: no EMA.
         ema_warmup: ramp the EMA decay up over the first steps (timm's warmup).
         class_names: filled from the data module and saved with the checkpoint (for inference).
+        channels_last: run the model in channels-last memory (faster with bf16/fp16 on GPUs).
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class ClassificationTask(L.LightningModule):
         ema_decay: float | None = None,
         ema_warmup: bool = False,
         class_names: list[str] | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
@@ -95,10 +105,15 @@ class ClassificationTask(L.LightningModule):
             self.ema.requires_grad_(False)  # updated by hand; DDP must not expect gradients for it
             self.ema.train()  # follows the task's mode like any submodule; it only runs in evaluation (eval mode)
         top_k = [1, 5] if num_classes >= TOP5_MIN_CLASSES else [1]
+        # The loss as a weighted mean summed over ranks: Lightning's own synced mean (self.log(sync_dist=True))
+        # floors the image count when ranks evaluate different numbers of images (Lightning issue 21859).
         self.metrics = nn.ModuleDict(
             {
                 stage: nn.ModuleDict(
-                    {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k}
+                    {
+                        "loss": MeanMetric(),
+                        **{f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k},
+                    }
                 )
                 for stage in ("val", "test")
             }
@@ -117,6 +132,9 @@ class ClassificationTask(L.LightningModule):
         elif self.hparams.num_classes < data_classes:
             raise ValueError(f"model.num_classes={self.hparams.num_classes}, but the data has {data_classes} classes")
         self.hparams.class_names = list(datamodule.class_names)
+
+    def configure_model(self) -> None:
+        prepare_task_model(self, channels_last=self.hparams.channels_last)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -141,9 +159,11 @@ class ClassificationTask(L.LightningModule):
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, labels = batch
         logits = self.eval_model(images)
-        self.log(f"{stage}_loss", F.cross_entropy(logits, labels), batch_size=len(images), sync_dist=True)
         for name, metric in self.metrics[stage].items():
-            metric.update(logits, labels)
+            if name == "loss":
+                metric.update(F.cross_entropy(logits, labels), weight=len(images))
+            else:
+                metric.update(logits, labels)
             self.log(f"{stage}_{name}", metric, prog_bar=name == "top1", batch_size=len(images))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -162,13 +182,8 @@ class ClassificationTask(L.LightningModule):
         """The base learning rate: `lr`, or `lr_per_256` scaled by the global batch."""
         hp = self.hparams
         if hp.lr is not None:
-            return hp.lr
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("lr_per_256 needs the data module's batch_size to scale; set lr instead")
-        global_batch = batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        return hp.lr_per_256 * global_batch / 256
+            return batch_scaled_lr(hp.lr, None, self.trainer)
+        return batch_scaled_lr(hp.lr_per_256, 256, self.trainer, name="lr_per_256")
 
     def lr_schedule(self, *, total_steps: int, steps_per_epoch: int) -> LRSchedule:
         """The per-step factor of the learning rate, with milestones and warmup given in epochs."""

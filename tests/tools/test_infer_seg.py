@@ -73,3 +73,13 @@ def test_missing_path_is_a_clear_error(checkpoint, tmp_path, capsys, which):
         infer_seg.main([args["checkpoint"], args["input"], "--output", str(tmp_path / "out")])
     assert error.value.code == 2
     assert f"{which} '{tmp_path / 'nowhere'}' does not exist" in capsys.readouterr().err
+
+
+def test_fused_fast_path_gives_the_masks_of_the_unfused_model(checkpoint, tmp_path):
+    path, images = checkpoint
+    for flags, name in (([], "fast"), (["--no-fuse"], "plain")):
+        infer_seg.main([str(path), str(images), "--output", str(tmp_path / name), "--save-masks", *flags])
+    for mask in ("000001_mask.png", "000002_mask.png"):
+        fast = cv2.imread(str(tmp_path / "fast" / mask), cv2.IMREAD_UNCHANGED)
+        plain = cv2.imread(str(tmp_path / "plain" / mask), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(fast, plain)
