@@ -58,7 +58,9 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         if self.se is not None:
             out = self.se(out)
-        return self.relu(self.drop_path(out) + shortcut)
+        out = self.drop_path(out)
+        out += shortcut  # in place, as torchvision: no extra activation-sized tensor per block
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -112,7 +114,9 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.se is not None:
             out = self.se(out)
-        return self.relu(self.drop_path(out) + shortcut)
+        out = self.drop_path(out)
+        out += shortcut  # in place, as torchvision: no extra activation-sized tensor per block
+        return self.relu(out)
 
 
 class PreActBottleneck(nn.Module):

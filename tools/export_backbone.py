@@ -1,7 +1,7 @@
 """Export the network of a classification checkpoint as a plain state dict (torchvision/timm key names).
 
-    python tools/export_backbone.py runs/resnet50_imagenet/checkpoints/last.ckpt resnet50_in1k.pth
-    python tools/export_backbone.py runs/resnet50d_imagenet_cosine/checkpoints/last.ckpt r50d.pth --ema
+    python tools/export_backbone.py runs/resnet50_imagenet/lightning_logs/version_0/checkpoints/last.ckpt resnet50_in1k.pth
+    python tools/export_backbone.py runs/resnet50d_imagenet_cosine/lightning_logs/version_0/checkpoints/last.ckpt r50d.pth --ema
 
 The output (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `fc.weight`) loads strictly into
 `backbones.create_model(name)`, `create_backbone(name)` (the fc is dropped), detection's and

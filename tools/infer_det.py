@@ -1,7 +1,7 @@
 """Run a detection checkpoint on an image or a folder: pictures with boxes, labels, scores and masks,
 plus a COCO results JSON.
 
-    python tools/infer_det.py runs/mask_rcnn_r18_fpn_shapes/checkpoints/last.ckpt IMAGE_OR_FOLDER \
+    python tools/infer_det.py runs/mask_rcnn_r18_fpn_shapes/lightning_logs/version_0/checkpoints/last.ckpt IMAGE_OR_FOLDER \
         --output out/ [--score-threshold 0.5] [--annotations instances_val.json] [--no-fuse] [--compile]
 
 The model runs on the inference fast path by default: batch norms folded into the convs, channels-last

@@ -1,6 +1,6 @@
 """Colour-overlay pictures of a segmentation checkpoint's predictions, for an image or a folder.
 
-    python tools/infer_seg.py runs/deeplabv3plus_r18_os16_shapes/checkpoints/last.ckpt image.jpg
+    python tools/infer_seg.py runs/deeplabv3plus_r18_os16_shapes/lightning_logs/version_0/checkpoints/last.ckpt image.jpg
     python tools/infer_seg.py last.ckpt images/ --output overlays/ --alpha 0.6 --size 512 --save-masks
 
 The model runs on the inference fast path by default: batch norms folded into the convs, channels-last

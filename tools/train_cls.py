@@ -3,7 +3,7 @@
     python tools/train_cls.py fit --config configs/classification/resnet18_shapes.yaml
     python tools/train_cls.py fit --config configs/classification/resnet50_imagenet.yaml
     python tools/train_cls.py validate --config configs/classification/resnet50_imagenet.yaml \
-        --ckpt_path runs/resnet50_imagenet/checkpoints/last.ckpt
+        --ckpt_path runs/resnet50_imagenet/lightning_logs/version_0/checkpoints/last.ckpt
 
 Then `python tools/export_backbone.py CHECKPOINT OUTPUT.pth [--ema]` writes the weights for
 `create_backbone(name, weights=OUTPUT.pth)` and detection/segmentation's `backbone_weights`.

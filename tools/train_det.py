@@ -2,7 +2,7 @@
 
     python tools/train_det.py fit --config configs/detection/mask_rcnn_r18_fpn_shapes.yaml
     python tools/train_det.py validate --config configs/detection/faster_rcnn_r50_fpn_1x_coco.yaml \
-        --ckpt_path runs/faster_rcnn_r50_fpn_1x_coco/checkpoints/last.ckpt
+        --ckpt_path runs/faster_rcnn_r50_fpn_1x_coco/lightning_logs/version_0/checkpoints/last.ckpt
 """
 
 from __future__ import annotations

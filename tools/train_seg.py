@@ -2,7 +2,7 @@
 
     python tools/train_seg.py fit --config configs/segmentation/deeplabv3plus_r18_os16_shapes.yaml
     python tools/train_seg.py validate --config configs/segmentation/deeplabv3_r50_os8_coco.yaml \
-        --ckpt_path runs/deeplabv3_r50_os8_coco/checkpoints/last.ckpt
+        --ckpt_path runs/deeplabv3_r50_os8_coco/lightning_logs/version_0/checkpoints/last.ckpt
 """
 
 from __future__ import annotations

@@ -144,3 +144,25 @@ def test_deeplab_matches(name, options):
         expected, actual = reference(x), fused(x)
     for key in expected:
         assert_close(actual[key], expected[key])
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels: tens of seconds on 2 cores
+def test_compiled_backbone_and_fpn_match_eager():
+    from backbones.fusion import prepare_for_inference
+
+    torch.manual_seed(0)
+    model = detection.build_model("faster_rcnn_r18_fpn", num_classes=4, **TINY_DETECTOR)
+    reference = randomize_norms(model).eval()
+    compiled = prepare_for_inference(copy.deepcopy(reference), compile_backbone=True)
+    assert isinstance(compiled.backbone, torch._dynamo.eval_frame.OptimizedModule)
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, actual = reference.backbone(x), compiled.backbone(x.contiguous(memory_format=torch.channels_last))
+    assert list(actual) == list(expected)  # p2..p6, the body and FPN both compiled
+    for name in expected:
+        assert_close(actual[name].contiguous(), expected[name])
+    images = [x[0], x[1, :, :96]]  # the whole detector runs with the compiled backbone, heads eager
+    for e, a in zip(_detections(reference, images), _detections(compiled, images)):
+        assert e.keys() == a.keys()
+        for key in e:
+            assert_close(a[key], e[key])
