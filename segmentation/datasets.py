@@ -1,0 +1,318 @@
+"""Semantic segmentation datasets: COCO instances turned into class masks, and image/mask folders.
+
+A sample is ``(image, mask)``: after the transforms a float32 (3, H, W) image in [0, 1] and a
+uint8 (H, W) mask of class indices, ``IGNORE_INDEX`` (255) where no label counts. Images are
+decoded with OpenCV; :func:`collate` pads a batch to its largest image (image 0, mask 255).
+The Lightning data modules that serve them are in ``segmentation.data``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from .transforms import IGNORE_INDEX
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_EXTENSIONS",
+    "VOC_CATEGORY_IDS",
+    "CocoSegmentation",
+    "FolderSegmentation",
+    "LabelFileError",
+    "check_category_ids",
+    "collate",
+    "load_coco",
+    "read_label_mask",
+    "read_rgb_image",
+]
+
+# COCO category ids of the 20 Pascal VOC classes in VOC order (torchvision's references): aeroplane,
+# bicycle, bird, boat, bottle, bus, car, cat, chair, cow, diningtable, dog, horse, motorbike,
+# person, pottedplant, sheep, sofa, train, tvmonitor.
+VOC_CATEGORY_IDS = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MAX_NAMES_IN_ERROR = 5
+
+
+class LabelFileError(ValueError):
+    """An image or label file is unreadable, of the wrong size or holds labels outside the classes."""
+
+
+def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """Decodes an image with OpenCV into RGB (H, W, 3) uint8; a corrupt or truncated file is a `LabelFileError`."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if _is_truncated_jpeg(data.tobytes()):
+        raise LabelFileError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise LabelFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _is_truncated_jpeg(data: bytes) -> bool:
+    # OpenCV fills a truncated JPEG with grey without an error. Entropy-coded data escapes 0xFF, so
+    # a complete JPEG has its end-of-image marker (FFD9) after its last start-of-scan (FFDA).
+    return data.startswith(b"\xff\xd8") and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+
+
+def read_label_mask(path: str | os.PathLike) -> np.ndarray:
+    """Decodes a label PNG into (H, W) uint8 class indices.
+
+    Single-channel 8- or 16-bit files are read with OpenCV. Palette PNGs (Pascal VOC's
+    SegmentationClass) hold indices that OpenCV would turn into colours, so they are read with PIL.
+    """
+    mask = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise LabelFileError(f"{path}: cannot be decoded as a label image (unreadable or corrupt)")
+    if mask.ndim == 3:
+        mask = _palette_indices(path)
+    if mask.max(initial=0) > np.iinfo(np.uint8).max:
+        raise LabelFileError(f"{path}: label values up to {mask.max()}; labels must fit in 0..255")
+    return mask.astype(np.uint8)
+
+
+def _palette_indices(path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        if picture.mode != "P":
+            raise LabelFileError(
+                f"{path}: a {picture.mode} colour image; label masks must hold one class index per pixel "
+                "(a single-channel or palette PNG)"
+            )
+        return np.asarray(picture)
+
+
+def check_labels(mask: np.ndarray, num_classes: int, path: str | os.PathLike) -> None:
+    """Raises if ``mask`` holds a value that is neither a class (0..num_classes-1) nor ``IGNORE_INDEX``."""
+    values = np.unique(mask)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise LabelFileError(
+            f"{path}: label values {bad.tolist()} are outside the classes 0..{num_classes - 1} and are not "
+            f"the ignore index {IGNORE_INDEX}"
+        )
+
+
+def _sample(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    return (
+        tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous()),  # (3, H, W) uint8
+        tv_tensors.Mask(torch.from_numpy(mask)),  # (H, W) uint8
+    )
+
+
+class FolderSegmentation(Dataset):
+    """Images and label PNGs in two folders (VOC / Cityscapes layout), matched by file name.
+
+    The mask of ``images/<dir>/<stem><image_suffix>.<ext>`` is
+    ``masks/<dir>/<stem><mask_suffix>.png``; sub-folders are searched (Cityscapes' cities).
+
+    Args:
+        images: image folder.
+        masks: label folder (class indices, ``IGNORE_INDEX`` for void).
+        num_classes: labels must lie in 0..num_classes-1 or be the ignore index.
+        transforms: called as ``image, mask = transforms(image, mask)``.
+        image_suffix, mask_suffix: name parts that differ, e.g. ``"_leftImg8bit"`` and
+            ``"_gtFine_labelTrainIds"`` for Cityscapes.
+
+    Raises:
+        FileNotFoundError: a folder is missing, holds no image, or an image has no mask (named).
+    """
+
+    def __init__(
+        self,
+        images: str | os.PathLike,
+        masks: str | os.PathLike,
+        *,
+        num_classes: int,
+        transforms: Callable | None = None,
+        image_suffix: str = "",
+        mask_suffix: str = "",
+    ):
+        self.images, self.masks = Path(images), Path(masks)
+        self.num_classes = num_classes
+        self.transforms = transforms
+        for folder, what in ((self.images, "image"), (self.masks, "mask")):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{what} folder {folder} does not exist")
+        image_files = sorted(p for p in self.images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not image_files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.images}")
+        self.pairs = [(p, self._mask_path(p, image_suffix, mask_suffix)) for p in image_files]
+        missing = [(image, mask) for image, mask in self.pairs if not mask.is_file()]
+        if missing:
+            examples = "; ".join(f"{image} -> {mask}" for image, mask in missing[:MAX_NAMES_IN_ERROR])
+            raise FileNotFoundError(f"{len(missing)} of {len(self.pairs)} images have no mask, e.g. {examples}")
+
+    def _mask_path(self, image: Path, image_suffix: str, mask_suffix: str) -> Path:
+        stem = image.stem.removesuffix(image_suffix) if image_suffix else image.stem
+        return self.masks / image.parent.relative_to(self.images) / f"{stem}{mask_suffix}.png"
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image_path, mask_path = self.pairs[index]
+        image, mask = read_rgb_image(image_path), read_label_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise LabelFileError(
+                f"{mask_path}: size {mask.shape[0]}x{mask.shape[1]} (HxW) differs from its image {image_path}, "
+                f"{image.shape[0]}x{image.shape[1]}"
+            )
+        check_labels(mask, self.num_classes, mask_path)
+        image, mask = _sample(image, mask)
+        return self.transforms(image, mask) if self.transforms is not None else (image, mask)
+
+
+def load_coco(path: str | os.PathLike) -> COCO:
+    """Loads a COCO instances file, naming the file in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    try:
+        dataset = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise LabelFileError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
+    missing = [key for key in ("images", "annotations", "categories") if key not in dataset]
+    if missing:
+        raise LabelFileError(f"{path}: missing the top-level key(s) {missing}")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+        coco.createIndex()
+    for annotation in dataset["annotations"]:  # an unknown id would silently become background
+        if annotation.get("category_id") not in coco.cats or annotation.get("image_id") not in coco.imgs:
+            raise LabelFileError(
+                f"{path}: annotation id {annotation.get('id')} refers to category_id {annotation.get('category_id')} "
+                f"and image_id {annotation.get('image_id')}; the file's category ids are {sorted(coco.cats)}"
+            )
+    return coco
+
+
+class CocoSegmentation(Dataset):
+    """Semantic masks made from COCO instance annotations.
+
+    Class k (1..K) is the k-th of ``category_ids`` (all categories in id order when None); 0 is
+    the background, which includes the objects of categories left out. Where instances of
+    *different* classes overlap the pixel is ignored (255), as in torchvision's references: its
+    true class is unknown. Crowd regions of the chosen categories are ignored too.
+
+    Args:
+        images: folder that ``file_name`` entries are relative to.
+        annotations: COCO instances JSON.
+        category_ids: the categories to segment, in class order, e.g. ``VOC_CATEGORY_IDS``.
+        transforms: called as ``image, mask = transforms(image, mask)``.
+        skip_empty: leave out images without any (non-crowd) instance of the chosen categories.
+    """
+
+    def __init__(
+        self,
+        images: str | os.PathLike,
+        annotations: str | os.PathLike,
+        *,
+        category_ids: Sequence[int] | None = None,
+        transforms: Callable | None = None,
+        skip_empty: bool = False,
+    ):
+        self.images, self.annotations = Path(images), Path(annotations)
+        self.transforms = transforms
+        self.coco = load_coco(self.annotations)
+        self.category_ids = check_category_ids(category_ids, self.coco, self.annotations)
+        self.label_of = {category_id: k for k, category_id in enumerate(self.category_ids, 1)}
+        self.class_names = ["__background__", *(self.coco.cats[c]["name"] for c in self.category_ids)]
+        self.ids = sorted(self.coco.imgs)
+        if skip_empty:
+            self.ids = [i for i in self.ids if any(self._instances(i, crowd=False))]
+        if not self.images.is_dir():
+            raise FileNotFoundError(f"image folder {self.images} (for {self.annotations}) does not exist")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids) + 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _instances(self, image_id: int, *, crowd: bool):
+        for annotation in self.coco.imgToAnns[image_id]:
+            if annotation["category_id"] in self.label_of and bool(annotation.get("iscrowd", 0)) == crowd:
+                yield annotation
+
+    def _instance_mask(self, annotation: dict, shape: tuple[int, int]) -> np.ndarray:
+        instance = self.coco.annToMask(annotation).astype(bool)
+        if instance.shape != shape:  # an RLE carries its own size
+            raise LabelFileError(
+                f"{self.annotations}: annotation id {annotation['id']} has a {instance.shape[0]}x{instance.shape[1]} "
+                f"(HxW) mask, but its image {annotation['image_id']} is {shape[0]}x{shape[1]}"
+            )
+        return instance
+
+    def semantic_mask(self, image_id: int) -> np.ndarray:
+        """The (H, W) uint8 class mask of an image, at the size its JSON entry gives."""
+        info = self.coco.imgs[image_id]
+        mask = np.zeros((info["height"], info["width"]), np.uint8)
+        coverage = np.zeros(mask.shape, np.uint8)  # 1: one class so far, 2: classes clash
+        for annotation in self._instances(image_id, crowd=False):
+            instance = self._instance_mask(annotation, mask.shape)
+            label = self.label_of[annotation["category_id"]]
+            clash = instance & (coverage > 0) & (mask != label)
+            coverage[instance & (coverage == 0)] = 1
+            coverage[clash] = 2
+            mask[instance & (coverage == 1)] = label
+        mask[coverage == 2] = IGNORE_INDEX
+        for annotation in self._instances(image_id, crowd=True):
+            mask[self._instance_mask(annotation, mask.shape)] = IGNORE_INDEX
+        return mask
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image_id = self.ids[index]
+        path = self.images / self.coco.imgs[image_id]["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} (id {image_id} in {self.annotations}) does not exist")
+        image, mask = read_rgb_image(path), self.semantic_mask(image_id)
+        if mask.shape != image.shape[:2]:
+            raise LabelFileError(
+                f"{path}: decoded size {image.shape[0]}x{image.shape[1]} (HxW) differs from the "
+                f"{mask.shape[0]}x{mask.shape[1]} given in {self.annotations}"
+            )
+        image, mask = _sample(image, mask)
+        return self.transforms(image, mask) if self.transforms is not None else (image, mask)
+
+
+def check_category_ids(category_ids: Sequence[int] | None, coco: COCO, path: Path) -> list[int]:
+    if category_ids is None:
+        return sorted(coco.cats)
+    unknown = [c for c in category_ids if c not in coco.cats]
+    if unknown or len(set(category_ids)) != len(category_ids) or not category_ids:
+        raise ValueError(
+            f"category_ids={list(category_ids)}: unknown {unknown} or repeated or empty; {path} has {sorted(coco.cats)}"
+        )
+    return [int(c) for c in category_ids]
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks samples into images (N, 3, H, W) and int64 masks (N, H, W), padding to the largest.
+
+    Padding is 0 in the image and ``IGNORE_INDEX`` in the mask, so it never counts.
+    """
+    height = max(image.shape[-2] for image, _ in batch)
+    width = max(image.shape[-1] for image, _ in batch)
+    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], height, width))
+    masks = torch.full((len(batch), height, width), IGNORE_INDEX, dtype=torch.int64)
+    for i, (image, mask) in enumerate(batch):
+        images[i, :, : image.shape[-2], : image.shape[-1]] = image
+        masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
+    return images, masks
