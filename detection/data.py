@@ -16,7 +16,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from torch.utils.data import (
 from torchvision import tv_tensors
 
 from backbones.distributed import eval_sampler
+from backbones.images import ImageFileError, read_rgb_image
 from backbones.shapes import (
     ShapesPaths,
     generate_shapes,
@@ -68,10 +68,6 @@ MAX_NAMES_IN_ERROR = 5
 
 class AnnotationFileError(ValueError):
     """A COCO annotation file is malformed or inconsistent."""
-
-
-class ImageFileError(ValueError):
-    """An image file cannot be decoded, is truncated or has an unexpected size."""
 
 
 def load_coco(path: str | os.PathLike) -> COCO:
@@ -135,33 +131,6 @@ def contiguous_labels(categories: Iterable[dict]) -> dict[int, int]:
         {1: 1, 2: 3, 3: 7}
     """
     return {label: category_id for label, category_id in enumerate(sorted(c["id"] for c in categories), 1)}
-
-
-def read_rgb_image(path: Path, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """Decodes an image with OpenCV into RGB (H, W, 3) uint8, checking its size if given.
-
-    Raises:
-        ImageFileError: the file cannot be decoded, is a truncated JPEG (which OpenCV
-            would silently fill with grey) or its size differs from ``height`` x ``width``.
-    """
-    data = np.fromfile(path, dtype=np.uint8)
-    if _is_truncated_jpeg(data.tobytes()):
-        raise ImageFileError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ImageFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
-    if height is not None and image.shape[:2] != (height, width):
-        raise ImageFileError(
-            f"{path}: decoded size {image.shape[0]}x{image.shape[1]} (HxW) differs from "
-            f"the {height}x{width} given in the annotation file"
-        )
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _is_truncated_jpeg(data: bytes) -> bool:
-    # Entropy-coded data escapes 0xFF, so markers are unambiguous: a complete JPEG has
-    # its end-of-image (FFD9) after its last start-of-scan (FFDA).
-    return data.startswith(b"\xff\xd8") and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
 
 
 def _xyxy_in_image(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:

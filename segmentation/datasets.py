@@ -23,6 +23,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from backbones.images import ImageFileError, read_rgb_image
+
 from .transforms import IGNORE_INDEX
 
 __all__ = [
@@ -47,25 +49,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_NAMES_IN_ERROR = 5
 
 
-class LabelFileError(ValueError):
-    """An image or label file is unreadable, of the wrong size or holds labels outside the classes."""
-
-
-def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an image with OpenCV into RGB (H, W, 3) uint8; a corrupt or truncated file is a `LabelFileError`."""
-    data = np.fromfile(path, dtype=np.uint8)
-    if _is_truncated_jpeg(data.tobytes()):
-        raise LabelFileError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise LabelFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _is_truncated_jpeg(data: bytes) -> bool:
-    # OpenCV fills a truncated JPEG with grey without an error. Entropy-coded data escapes 0xFF, so
-    # a complete JPEG has its end-of-image marker (FFD9) after its last start-of-scan (FFDA).
-    return data.startswith(b"\xff\xd8") and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+class LabelFileError(ImageFileError):
+    """A label file is unreadable, of the wrong size or holds labels outside the classes."""
 
 
 def read_label_mask(path: str | os.PathLike) -> np.ndarray:

@@ -27,8 +27,9 @@ import torch
 from torch.nn import functional as F
 
 from backbones.fusion import prepare_for_inference
+from backbones.images import ImageFileError, read_rgb_image
 from backbones.weights import load_task_checkpoint
-from segmentation.data import IMAGE_EXTENSIONS, LabelFileError, read_rgb_image
+from segmentation.data import IMAGE_EXTENSIONS
 from segmentation.task import SegmentationTask
 
 BACKGROUND_NAMES = ("__background__", "background")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for path in images:
         try:
             image = read_rgb_image(path)
-        except (OSError, LabelFileError) as error:  # corrupt or truncated: the pictures so far are complete
+        except (OSError, ImageFileError) as error:  # corrupt or truncated: the pictures so far are complete
             fail(error)
         labels = predict(task, image, args.size)
         target = args.output / f"{path.stem}_overlay.png"

@@ -12,15 +12,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from backbones.distributed import eval_sampler
+from backbones.images import ImageFileError, read_rgb_image
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
 
 from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
@@ -43,31 +42,6 @@ MAX_NAMES_IN_ERROR = 5
 
 class ImageFolderError(ValueError):
     """A dataset folder is missing, has no class folders, an empty class folder or an unknown class."""
-
-
-class ImageFileError(ValueError):
-    """An image file cannot be read or decoded."""
-
-
-def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
-    """Decodes an image with OpenCV into RGB (H, W, 3) uint8.
-
-    Raises:
-        ImageFileError: the file cannot be read, cannot be decoded, or is a truncated JPEG
-            (which OpenCV would silently fill with grey).
-    """
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as error:
-        raise ImageFileError(f"{path}: cannot be read ({error})") from error
-    raw = data.tobytes()
-    # A complete JPEG has its end-of-image marker (FFD9) after its last start-of-scan (FFDA).
-    if raw.startswith(b"\xff\xd8") and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):
-        raise ImageFileError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)  # grey, CMYK and alpha images become 3-channel BGR
-    if image is None:
-        raise ImageFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def list_classes(folder: str | os.PathLike) -> list[str]:

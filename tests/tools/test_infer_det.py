@@ -1,8 +1,6 @@
 """tools/infer_det.py on a checkpoint from a one-step fit: the fast path is on by default and keeps the results."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -12,20 +10,12 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
+from tests.tools.loader import load_tool
 
-SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "infer_det.py"
 TINY = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
         "box_score_thresh": 0.0}  # a barely trained model: keep its low-scored detections
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("infer_det", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-infer_det = load_tool()
+infer_det = load_tool("infer_det")
 
 
 @pytest.fixture(scope="module")

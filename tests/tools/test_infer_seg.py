@@ -1,8 +1,5 @@
 """tools/infer_seg.py on a checkpoint from a one-step fit."""
 
-import importlib.util
-from pathlib import Path
-
 import cv2
 import lightning as L
 import numpy as np
@@ -10,18 +7,9 @@ import pytest
 
 from segmentation.data import ShapesSegmentationDataModule
 from segmentation.task import SegmentationTask
+from tests.tools.loader import load_tool
 
-SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "infer_seg.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("infer_seg", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-infer_seg = load_tool()
+infer_seg = load_tool("infer_seg")
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.tools.loader import load_tool
+
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "model_info.py"
 
 
 @pytest.fixture(scope="module")
 def model_info():
-    spec = importlib.util.spec_from_file_location("resbone_tools_model_info", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("model_info")
 
 
 def _table(text: str) -> dict[str, tuple[str, str]]:
