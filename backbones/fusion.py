@@ -1,4 +1,5 @@
-"""Inference fast path: fold batch norms into the convs before them, and channels-last memory.
+"""Inference fast path: fold batch norms into the convs before them, fuse ReLUs and residual adds
+into the convs, and channels-last memory.
 
 A batch norm that uses its running statistics is an affine map per channel, so after a conv it can be
 folded into that conv's weight and bias (`torch.nn.utils.fusion.fuse_conv_bn_weights`) and replaced
@@ -11,6 +12,10 @@ by `nn.Identity`. Pairs are found from the structure, never guessed from names a
   `Bottleneck`, `ResNet`): `convK -> bnK`; in the pre-activation bottleneck `conv1 -> bn2` and
   `conv2 -> bn3` (its `bn1` normalizes the block input and stays).
 
+Then `fuse_activations` turns each folded residual block into a `FusedResidualBlock` (conv+ReLU,
+conv+ReLU, conv+add+ReLU) and every other conv into a `FusedConv2d`, which on the CPU runs one oneDNN
+call per conv with the ReLU fused in and its weight reordered once (see `backbones.cpu_conv`).
+
 Example:
     >>> model = detection.build_model("faster_rcnn_r18_fpn", num_classes=4).eval()
     >>> model = fuse_for_inference(model)  # same outputs, no BatchNorm left in the backbone
@@ -22,16 +27,17 @@ import logging
 from itertools import pairwise
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.segmentation.deeplabv3 import ASPPPooling
 from torchvision.ops import FrozenBatchNorm2d
 
 from .blocks import BasicBlock, Bottleneck, PreActBottleneck
+from .cpu_conv import FusedConv2d
 from .resnet import ResNet
 
-__all__ = ["fold_batch_norms", "fuse_for_inference", "prepare_for_inference"]
+__all__ = ["FusedResidualBlock", "fold_batch_norms", "fuse_activations", "fuse_for_inference", "prepare_for_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +150,115 @@ def _name(parent_name: str, name: str) -> str:
     return f"{parent_name}.{name}" if parent_name else name
 
 
+class FusedResidualBlock(nn.Module):
+    """A folded residual block as a chain of `FusedConv2d`: ReLU after each conv, and the last conv
+    adds the shortcut before its ReLU. Its parameter names are the block's (`conv1`..., `downsample`).
+    """
+
+    def __init__(self, convs: dict[str, nn.Conv2d], downsample: nn.Module | None):
+        super().__init__()
+        for name, conv in convs.items():
+            self.add_module(name, FusedConv2d.from_conv(conv, activation="relu"))
+        self.downsample = downsample
+        self.conv_names = tuple(convs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        *inner, last = self.conv_names
+        for name in inner:
+            x = getattr(self, name)(x)
+        return getattr(self, last)(x, residual=shortcut)
+
+
+_BLOCK_CONVS = {
+    BasicBlock: ("conv1", "conv2"),
+    Bottleneck: ("conv1", "conv2", "conv3"),
+    tv_resnet.BasicBlock: ("conv1", "conv2"),
+    tv_resnet.Bottleneck: ("conv1", "conv2", "conv3"),
+}
+
+
+def _fusable_conv(module: nn.Module) -> bool:
+    return type(module) is nn.Conv2d and not isinstance(module.padding, str) and module.padding_mode == "zeros"
+
+
+def _fused_block(block: nn.Module) -> FusedResidualBlock | None:
+    """The block as a `FusedResidualBlock` when its norms are folded and nothing else sits between the convs."""
+    names = _BLOCK_CONVS.get(type(block))
+    if names is None or block.training or getattr(block, "se", None) is not None:
+        return None
+    norms = [getattr(block, n.replace("conv", "bn")) for n in names]
+    if not all(_fusable_conv(getattr(block, n)) for n in names) or not all(type(n) is nn.Identity for n in norms):
+        return None  # drop_path is an identity in eval mode
+    return FusedResidualBlock({n: getattr(block, n) for n in names}, block.downsample)
+
+
+def _is_fusable_stem(model: nn.Module) -> bool:
+    """A ResNet (not pre-activation) whose `relu` only follows the stem's conv1 -> bn1, and bn1 is folded."""
+    return (
+        type(model) in (ResNet, tv_resnet.ResNet)
+        and not getattr(model, "preact", False)
+        and _fusable_conv(model.conv1)
+        and type(model.bn1) is nn.Identity
+        and type(model.relu) is nn.ReLU
+    )
+
+
+def _fuse_relus_in_order(sequential: nn.Sequential) -> list[str]:
+    """Each conv followed by identities (folded norms) and a ReLU applies the ReLU itself."""
+    children = list(sequential.named_children())
+    fused = []
+    for i, (name, child) in enumerate(children):
+        j = i + 1
+        while j < len(children) and type(children[j][1]) is nn.Identity:
+            j += 1
+        if _fusable_conv(child) and j < len(children) and type(children[j][1]) is nn.ReLU:
+            setattr(sequential, name, FusedConv2d.from_conv(child, activation="relu"))
+            setattr(sequential, children[j][0], nn.Identity())
+            fused.append(name)
+    return fused
+
+
+def fuse_activations(model: nn.Module) -> list[str]:
+    """Fuses, in place, each ReLU and residual add into the conv before it, and makes every other plain
+    conv a `FusedConv2d` (its weight reordered once for the CPU). Call after `fold_batch_norms`.
+
+    - a residual block (ours or torchvision's, not pre-activation, no squeeze-excitation) whose norms are
+      folded becomes a `FusedResidualBlock`;
+    - the ResNet stem `conv1 -> bn1 (folded) -> relu` and, in an in-order sequential, a conv followed by
+      folded norms and a ReLU: the conv applies the ReLU and the ReLU becomes an `nn.Identity`.
+
+    Returns:
+        The names of the blocks and convs that now apply a fused ReLU.
+    """
+    fused = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            block = _fused_block(child)
+            if block is not None:
+                setattr(parent, name, block)
+                fused.append(_name(parent_name, name))
+    for parent_name, parent in list(model.named_modules()):
+        if _is_fusable_stem(parent):
+            parent.conv1, parent.relu = FusedConv2d.from_conv(parent.conv1, activation="relu"), nn.Identity()
+            fused.append(_name(parent_name, "conv1"))
+        if _runs_in_order(parent):
+            fused += [_name(parent_name, name) for name in _fuse_relus_in_order(parent)]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _fusable_conv(child):
+                setattr(parent, name, FusedConv2d.from_conv(child))
+    return fused
+
+
 def fuse_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
     """Makes `model` faster for inference with the same outputs (to float rounding); changes it in place.
 
-    Folds each eval-mode or frozen batch norm into the conv before it, puts the model in eval mode and,
-    with `channels_last`, stores its 4-D weights channels-last (NHWC), which convs then propagate.
-    The folded model's state dict has other keys (conv biases, no norms): fuse after loading weights,
-    and deep-copy first to keep the original.
+    Folds each eval-mode or frozen batch norm into the conv before it, puts the model in eval mode,
+    fuses each ReLU and residual add that follows a conv into it (`fuse_activations`: on the CPU, one
+    oneDNN call per conv with its weight reordered once) and, with `channels_last`, stores its 4-D
+    weights channels-last (NHWC), which convs then propagate. The fused model's state dict has other
+    keys (conv biases, no norms): fuse after loading weights, and deep-copy first to keep the original.
 
     Args:
         model: a backbone, classifier, detector or segmentation model, with its norms in eval mode.
@@ -169,8 +277,9 @@ def fuse_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Mo
         True
     """
     folded = fold_batch_norms(model)
-    log.info("fuse_for_inference: folded %d batch norms into convs", len(folded))
     model.eval()
+    relus = fuse_activations(model)
+    log.info("fuse_for_inference: folded %d batch norms and fused %d ReLUs into convs", len(folded), len(relus))
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
@@ -182,7 +291,7 @@ def prepare_for_inference(
     """The inference set-up of the tools: eval mode, then optionally folding, channels-last and compiling.
 
     Unlike `fuse_for_inference`, this puts the model in eval mode first, so every batch norm with
-    running statistics is folded. `compile_backbone` wraps `model.backbone` (the body and FPN of a
+    running statistics is folded; `fuse` folds them and fuses the activations, as `fuse_for_inference`. `compile_backbone` wraps `model.backbone` (the body and FPN of a
     detector, the body of a DeepLab model) in `torch.compile`; the heads' data-dependent control flow
     stays eager.
 
@@ -192,6 +301,7 @@ def prepare_for_inference(
     model.eval()
     if fuse:
         fold_batch_norms(model)
+        fuse_activations(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile_backbone:
