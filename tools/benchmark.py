@@ -5,7 +5,8 @@
     python tools/benchmark.py --model faster_rcnn_r50_fpn --modes eval --eval-images 5000
 
 Modes:
-  inference  images/s of ours on the fast path (BN folded into the convs, channels-last, inference_mode)
+  inference  images/s of ours on the fast path (BN folded into the convs, ReLU and residual add fused
+             into them, channels-last, inference_mode)
              and of torchvision's model as built (inference_mode); the relative output difference.
   train      images/s of one SGD step (forward, backward, update; train mode; synthetic targets), ours
              channels-last with --channels-last, torchvision's as built.
@@ -14,8 +15,8 @@ Modes:
              and per image the cost of pasting and RLE-encoding 100 masks.
 Both models get torchvision's random weights (our parameter names are torchvision's); nothing is
 downloaded. Ours and torchvision's repeats are interleaved, so drift on a shared machine hits both;
-the median is reported. Peak memory is measured after the timings, one step per side (see `memory`
-in the JSON for what is measured on the device).
+the median is reported. Peak memory is measured after the timings, one step per side: the peak of
+the tensors the step creates (see `memory` in the JSON for how it is measured on the device).
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import gc
+import functools
 import json
 import os
 import statistics
 import tempfile
 import time
+import weakref
 
 import torch
 import torchvision
 from torch.nn import functional as F
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import models as tvm
 from torchvision.models import detection as tvd
 from torchvision.models import segmentation as tvs
@@ -115,6 +118,9 @@ def _compile(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     return model
 
 
+FAST_PATH = "BN folded, ReLU and add fused, channels-last, inference_mode"
+
+
 def inference_steps(kind, ours, theirs, batch, args) -> dict:
     """{side: (setup, step, model)}; a step returns the model's output."""
     fast = prepare_for_inference(copy.deepcopy(ours))
@@ -131,7 +137,7 @@ def inference_steps(kind, ours, theirs, batch, args) -> dict:
 
     compiled = " + torch.compile" if args.compile else ""
     return {
-        "ours": (f"BN folded, channels-last, inference_mode{compiled}", step_of(fast, _channels_last(batch[0])), fast),
+        "ours": (f"{FAST_PATH}{compiled}", step_of(fast, _channels_last(batch[0])), fast),
         "torchvision": ("as built, inference_mode", step_of(theirs, batch[0]), theirs),
     }
 
@@ -215,29 +221,54 @@ def relative_difference(ours, theirs) -> float | None:
     return float((a - b).norm() / b.norm().clamp(min=1e-12)) if a.shape == b.shape else None
 
 
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+class PeakTensorMemory(TorchDispatchMode):
+    """The peak of the bytes held by the tensors that ops create while this mode is active.
+
+    Every op's output whose storage is new (not an input's: in-place ops and views allocate nothing)
+    counts from that op until the storage is freed. On any device this is what
+    `torch.cuda.max_memory_allocated` minus the memory allocated before measures: activations, saved
+    tensors, temporaries and new gradients, but not the weights or an optimizer's existing state.
+    oneDNN's reordered weights (opaque tensors) and its scratch space are not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self._live: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, nbytes: int, _ref) -> None:
+        if self._live.pop(key, None) is not None:
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in pytree.tree_leaves(out):
+            key = _storage_key(tensor) if isinstance(tensor, torch.Tensor) else None
+            if key is None or key in inputs or key in self._live:
+                continue
+            storage = tensor.untyped_storage()
+            nbytes = storage.nbytes()
+            self._live[key] = weakref.ref(storage, functools.partial(self._freed, key, nbytes))
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        return out
 
 
-def memory_method(device: str) -> str | None:
-    """What `peak_memory_mb` measures, or None where it cannot (a non-Linux CPU)."""
-    if device == "cuda":
-        return ("torch.cuda.max_memory_allocated during one step minus what was allocated before it: the step's "
-                "activations and workspaces beyond the weights, last step's gradients and the optimizer state")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        return None
-    with contextlib.suppress(OSError, AttributeError):  # mmap blocks >= 64 KiB, so freed tensors leave the RSS
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; after the timings, as it slows them
-    return ("peak RSS (VmHWM, reset through /proc/self/clear_refs) during one step minus the RSS before it: the "
-            "step's activations and workspaces beyond the weights, last step's gradients and the optimizer state")
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    if tensor.layout != torch.strided or tensor.is_mkldnn:
+        return None  # sparse or opaque (oneDNN) tensors have no storage to follow
+    return tensor.untyped_storage()._cdata
+
+
+MEMORY_METHODS = {
+    "cuda": "torch.cuda.max_memory_allocated during one step minus what was allocated before it",
+    "cpu": "peak bytes of the tensors one step creates (a TorchDispatchMode follows each new storage until freed)",
+}
+MEMORY_NOTE = ": activations, saved tensors, temporaries and new gradients, not the weights or the optimizer state"
 
 
 def peak_memory_mb(step, device: str) -> float:
-    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -245,11 +276,10 @@ def peak_memory_mb(step, device: str) -> float:
         step()
         torch.cuda.synchronize()
         return max(torch.cuda.max_memory_allocated() - base, 0) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_kb("VmRSS")
-    step()
-    return max(_proc_kb("VmHWM") - base, 0) / 1024
+    tracker = PeakTensorMemory()
+    with tracker:
+        step()
+    return tracker.peak / 2**20
 
 
 def data_throughput(args, with_masks: bool) -> dict:
@@ -294,10 +324,9 @@ def run_models(args, modes) -> tuple[list[dict], dict, dict]:
 
 def measure_memory(rows: list[dict], all_steps: dict, device: str, enabled: bool = True) -> str | None:
     """Adds `peak_memory_mb` to each row (one more step per row; None if not measured); returns what it is."""
-    method = memory_method(device) if enabled else None
     for row in rows:
-        row["peak_memory_mb"] = peak_memory_mb(all_steps[row["mode"]][row["side"]][1], device) if method else None
-    return method
+        row["peak_memory_mb"] = peak_memory_mb(all_steps[row["mode"]][row["side"]][1], device) if enabled else None
+    return MEMORY_METHODS[device] + MEMORY_NOTE if enabled else None
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -387,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["data"] = data_throughput(args, with_masks="mask" in args.model)
     if "eval" in args.mode_list:
         report["eval"] = eval_benchmark(args.eval_images)
-    if rows:  # last: the CPU measurement changes the allocator's settings, which would slow the timings
+    if rows:  # last: one more step per row, outside the timings
         extra["memory"] = measure_memory(rows, all_steps, args.device, args.memory)
         report.update(results=rows, ratios=ratios(rows), **extra)
     print(markdown(report))
