@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import pickle
@@ -23,6 +25,7 @@ __all__ = [
     "load_state_dict",
     "load_task_checkpoint",
     "load_weights",
+    "weights_from_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,23 @@ _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl")
 
 class WeightsError(ValueError):
     """Weights that cannot be found, read or fitted to the model."""
+
+
+_CHECKPOINT_HOLDS_WEIGHTS = contextvars.ContextVar("checkpoint_holds_weights", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint():
+    """Within it, `load_weights` loads nothing: a model built with a weights tag, URL or file gets the
+    same architecture (norm policy, frozen stages) but keeps its initial weights, because the checkpoint
+    about to be loaded into it strictly holds every one. Nothing is downloaded (offline inference of a
+    model fine-tuned from pretrained weights).
+    """
+    token = _CHECKPOINT_HOLDS_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_HOLDS_WEIGHTS.reset(token)
 
 
 def cache_dir() -> Path:
@@ -101,6 +121,9 @@ def load_checkpoint(path: str | os.PathLike, what: str = "weights file") -> obje
 def load_task_checkpoint(task_class: type, path: str | os.PathLike, **kwargs: object) -> nn.Module:
     """`task_class.load_from_checkpoint(path, weights_only=True, **kwargs)` for the tools.
 
+    The task's model is built as it was trained, but its pretrained weights (`weights`,
+    `backbone_weights`) are not fetched: the checkpoint holds them (`weights_from_checkpoint`).
+
     Raises:
         FileNotFoundError: no such file.
         WeightsError: the file could run code, is corrupt or truncated, or is not a checkpoint of
@@ -109,7 +132,8 @@ def load_task_checkpoint(task_class: type, path: str | os.PathLike, **kwargs: ob
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return task_class.load_from_checkpoint(path, weights_only=True, **kwargs)
+        with weights_from_checkpoint():  # the task's pretrained weights are in the checkpoint: fetch none
+            return task_class.load_from_checkpoint(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as error:
         raise WeightsError(_refused(path, error)) from error
     except Exception as error:  # torch.load, the task's constructor or the strict state dict load
@@ -219,12 +243,26 @@ def load_state_dict(
     model.load_state_dict(state_dict, strict=False)
 
 
-def load_weights(model: nn.Module, weights: str | os.PathLike, *, head_prefixes: tuple[str, ...] = ()) -> nn.Module:
+def load_weights(
+    model: nn.Module,
+    weights: str | os.PathLike,
+    *,
+    head_prefixes: tuple[str, ...] = (),
+    fresh_heads: bool = True,
+    table: dict[str, WeightsSpec] | None = None,
+) -> nn.Module:
     """Loads a weights tag (`resnet50.tv_in1k`), a URL or a local file into `model`, strictly.
 
     Accepts torchvision and timm state dicts, whole-model classification checkpoints (the fc is
     dropped for a backbone) and Lightning checkpoints (the `state_dict`, with its prefix stripped).
+    `table` resolves tags (default: the backbone table, `WEIGHTS`); `head_prefixes` and `fresh_heads`
+    are `load_state_dict`'s. Inside `weights_from_checkpoint()` it loads nothing.
     """
-    path = fetch_weights(weights)
-    load_state_dict(model, read_state_dict(path), head_prefixes=head_prefixes, source=f"weights {str(weights)!r}")
+    if _CHECKPOINT_HOLDS_WEIGHTS.get():
+        return model
+    path = fetch_weights(weights, table=table)
+    load_state_dict(
+        model, read_state_dict(path), head_prefixes=head_prefixes, fresh_heads=fresh_heads,
+        source=f"weights {str(weights)!r}",
+    )  # fmt: skip
     return model

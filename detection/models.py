@@ -21,9 +21,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from backbones import create_backbone, get_norm_layer, load_state_dict
+from backbones import create_backbone, get_norm_layer, load_weights
 from backbones.fpn import FPN
-from backbones.weights import fetch_weights, read_state_dict
 
 from .weights_table import DETECTION_WEIGHTS
 
@@ -195,8 +194,4 @@ def load_detector_weights(model: nn.Module, weights: str, *, fresh_heads: bool =
         WeightsError: a key is missing, unexpected or of another shape (each named, with both shapes);
             when only the class-specific layers differ, the message suggests `fresh_heads=True`.
     """
-    path = fetch_weights(weights, table=DETECTION_WEIGHTS)
-    load_state_dict(
-        model, read_state_dict(path), head_prefixes=HEAD_PREFIXES, fresh_heads=fresh_heads,
-        source=f"weights {weights!r}",
-    )  # fmt: skip
+    load_weights(model, weights, table=DETECTION_WEIGHTS, head_prefixes=HEAD_PREFIXES, fresh_heads=fresh_heads)

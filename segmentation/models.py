@@ -19,8 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from backbones import create_backbone, load_state_dict
-from backbones.weights import fetch_weights, read_state_dict
+from backbones import create_backbone, load_weights
 from backbones.weights_table import WeightsSpec
 
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
@@ -197,8 +196,4 @@ def load_segmentation_weights(model: nn.Module, weights: str, *, fresh_heads: bo
 
     With `fresh_heads` the class-specific layers may differ in shape (they stay as initialised).
     """
-    path = fetch_weights(weights, table=SEGMENTATION_WEIGHTS)
-    load_state_dict(
-        model, read_state_dict(path), head_prefixes=HEAD_PREFIXES, fresh_heads=fresh_heads,
-        source=f"weights {weights!r}",
-    )  # fmt: skip
+    load_weights(model, weights, table=SEGMENTATION_WEIGHTS, head_prefixes=HEAD_PREFIXES, fresh_heads=fresh_heads)

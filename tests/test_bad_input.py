@@ -231,7 +231,7 @@ def test_negative_and_empty_boxes_are_dropped_with_their_ids(coco, caplog):
 
     _edit_json(annotations, degenerate)
     datamodule = CocoDetectionDataModule(val_images=str(images), val_annotations=str(annotations), num_workers=0)
-    with caplog.at_level(logging.WARNING, logger="detection.data"):
+    with caplog.at_level(logging.WARNING, logger="detection.coco"):
         datamodule.setup("validate")
     assert "dropped 2 box(es) with zero or negative width or height" in caplog.text
     assert "inside the image (annotation ids 1, 2)" in caplog.text

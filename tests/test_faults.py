@@ -284,3 +284,38 @@ def test_fresh_heads_does_not_hide_another_architecture(tmp_path):
         with pytest.raises(WeightsError, match="unexpected keys") as error:
             SegmentationTask(model="deeplabv3plus_r18", num_classes=4, weights=weights, fresh_heads=fresh_heads)
         assert "fresh_heads=True" not in str(error.value)  # it would not help
+
+
+@pytest.mark.parametrize("kind", ["detection", "segmentation", "classification"])
+def test_a_fine_tuned_checkpoint_loads_without_its_pretrained_weights(kind, tmp_path):
+    """Offline, or with the weights file gone: the tools load the checkpoint, which holds every weight."""
+    from torchvision.models import resnet18
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from backbones.weights import load_task_checkpoint
+
+    torch.manual_seed(0)
+    pretrained = tmp_path / "resnet18-imagenet.pth"
+    torch.save(resnet18().state_dict(), pretrained)
+    if kind == "detection":
+        task = DetectionTask(model="faster_rcnn_r18_fpn", num_classes=4, backbone_weights=str(pretrained))
+        assert any(isinstance(m, FrozenBatchNorm2d) for m in task.model.modules())  # the pretrained norm policy
+    elif kind == "segmentation":
+        task = SegmentationTask(model="deeplabv3plus_r18", num_classes=4, backbone_weights=str(pretrained))
+    else:
+        task = ClassificationTask(model="resnet18", num_classes=4, weights=str(pretrained))
+    with torch.no_grad():
+        for parameter in task.parameters():  # "fine-tuned": no longer the pretrained weights
+            parameter.add_(torch.randn_like(parameter))
+    path = tmp_path / "tuned.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
+    pretrained.unlink()  # as on a machine without it (a tag offline would fail the same way)
+
+    loaded = load_task_checkpoint(type(task), path)
+    assert loaded.hparams == task.hparams
+    expected = task.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="resnet18-imagenet.pth"):  # outside the tools the file is still needed
+        type(task)(**task.hparams)

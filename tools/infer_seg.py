@@ -96,8 +96,7 @@ def list_images(path: Path) -> list[Path]:
 
 
 def load_task(checkpoint: Path, device: str) -> SegmentationTask:
-    # Weights come from the checkpoint: nothing to download for the backbone or the whole model.
-    task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device, weights=None, backbone_weights=None)
+    task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device)  # downloads nothing
     return task.eval()
 
 

@@ -107,7 +107,7 @@ def test_sample_types_and_fields(coco_files):
 
 
 def test_crowd_excluded_and_zero_size_box_dropped(coco_files, caplog):
-    with caplog.at_level(logging.INFO, logger="detection.data"):
+    with caplog.at_level(logging.INFO, logger="detection.coco"):
         dataset = CocoDetection(*coco_files)
     _, target = dataset[0]
     assert len(target["boxes"]) == 2  # 4 annotations minus one crowd, one zero-width box
