@@ -11,19 +11,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-)
+from torch.utils.data import DataLoader, Dataset
 
 from backbones.distributed import eval_sampler
 from backbones.images import ImageFileError, read_rgb_image
-from backbones.shapes import (
-    ShapesPaths,
-    generate_shapes,
-    shapes_categories,
-    shapes_root,
-)
+from backbones.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 from detection.coco import (
     MAX_NAMES_IN_ERROR,
     REQUIRED_KEYS,
