@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from backbones.distributed import eval_sampler
 from backbones.images import ImageFileError, read_rgb_image
+from backbones.samplers import GroupedBatchSampler, ResumableTrainData, SeededSamples
 from backbones.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 from detection.coco import (
     MAX_NAMES_IN_ERROR,
@@ -24,14 +24,6 @@ from detection.coco import (
     collate,
     contiguous_labels,
     load_coco,
-)
-from detection.samplers import (
-    GroupedBatchSampler,
-    SeededSamples,
-    global_seed,
-    restore_training_state,
-    train_sampler,
-    training_state,
 )
 from detection.transforms import train_transforms, val_transforms
 
@@ -51,7 +43,7 @@ __all__ = [
 ]
 
 
-class CocoDetectionDataModule(L.LightningDataModule):
+class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
     """COCO-format detection data for training, validation and testing.
 
     Training batches are grouped by aspect ratio and augmented with
@@ -101,7 +93,6 @@ class CocoDetectionDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.datasets: dict[str, CocoDetection] = {}
         self._category_list: list[dict] | None = None
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done), from a checkpoint
 
     @property
     def num_classes(self) -> int:
@@ -134,23 +125,10 @@ class CocoDetectionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Shuffle, batches and augmentations follow from (seed, epoch, index): a resumed run sees the
-        # same batches as an uninterrupted one (see detection.samplers).
-        dataset, seed = self._dataset("train"), global_seed()
-        batch_sampler = GroupedBatchSampler(
-            train_sampler(dataset, seed), dataset.aspect_ratio_group_ids(), self.batch_size, seed=seed
-        )
-        if self._resume_at is not None:
-            batch_sampler.resume_at(*self._resume_at)
-            self._resume_at = None
-        generator = torch.Generator().manual_seed(seed)  # worker seeds, without drawing from the global RNG
-        return self._loader(SeededSamples(dataset), batch_sampler=batch_sampler, generator=generator)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the epoch, the batches done in it and the RNG state, for a mid-epoch resume."""
-        return training_state(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_at = restore_training_state(state_dict)
+        # same batches as an uninterrupted one (see backbones.samplers).
+        dataset = self._dataset("train")
+        options = self.train_loader_kwargs(dataset, self.batch_size, group_ids=dataset.aspect_ratio_group_ids())
+        return self._loader(SeededSamples(dataset), **options)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self._dataset("val"))

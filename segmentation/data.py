@@ -13,6 +13,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from backbones.distributed import eval_sampler
+from backbones.samplers import ResumableTrainData, SeededSamples
 from backbones.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 
 from .datasets import (
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(ResumableTrainData, L.LightningDataModule):
     """What every segmentation data module shares: the transforms and the loaders.
 
     Subclasses give ``num_classes``, ``class_names`` and ``_build_dataset(split, transforms)``.
@@ -123,9 +124,12 @@ class SegmentationDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def train_dataloader(self) -> DataLoader:
+        # Shuffle and augmentations follow from (seed, epoch, index): a run resumed mid-epoch sees the same
+        # batches as an uninterrupted one (backbones.samplers). Full batches only: a batch of one breaks
+        # BN after ASPP's image pooling (1x1 features).
         dataset = self.dataset("train")
-        # Full batches only: a batch of one breaks BN after ASPP's image pooling (1x1 features).
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
+        options = self.train_loader_kwargs(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size)
+        return self._loader(SeededSamples(dataset), **options)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.dataset("val"))
@@ -138,15 +142,14 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         # Each image on exactly one rank, no padding copies: the confusion matrix is summed over ranks.
-        return self._loader(dataset, self.val_batch_size, sampler=eval_sampler(dataset))
+        return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
 
     def _predict_split(self) -> str:
         return "test" if "test" in self.available_splits() else "val"
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,

@@ -25,7 +25,7 @@ from backbones import WeightsError
 from backbones.classification import ClassificationTask
 from backbones.shapes import generate_shapes
 from detection.models import HEAD_PREFIXES as DETECTION_HEADS
-from detection.samplers import GroupedBatchSampler, SampleKey, SeededSamples, training_state
+from backbones.samplers import GroupedBatchSampler, SampleKey, SeededSamples, training_state
 from detection.task import DetectionTask
 from segmentation.models import HEAD_PREFIXES as SEGMENTATION_HEADS
 from segmentation.task import SegmentationTask
@@ -188,6 +188,71 @@ def test_grouped_batches_follow_the_sampler_epoch_and_resume_where_they_stopped(
     assert list(resumed) == epoch1  # the skip is for the first pass only
     with pytest.raises(ValueError, match="batches_done=9; an epoch here has 4 batches"):
         _grouped().resume_at(1, 9)
+
+
+def test_plain_batches_and_a_resume_that_survives_lightning_remaking_the_batch_sampler():
+    """Under DDP Lightning re-makes a custom batch sampler around its own DistributedSampler, from the
+    constructor arguments it recorded: `resume` is one of them, so the skip is not lost."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader
+
+    def sampler(replicas: int, epoch: int) -> DistributedSampler:
+        sampler = DistributedSampler(range(20), num_replicas=replicas, rank=0, shuffle=True, seed=3)
+        sampler.set_epoch(epoch)
+        return sampler
+
+    plain = GroupedBatchSampler(sampler(1, 0), None, 3, drop_last=True)
+    assert list(plain) == list(BatchSampler(sampler(1, 0), 3, drop_last=True)) and len(plain) == 6
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):  # as Lightning
+        loader = DataLoader(range(20), batch_sampler=GroupedBatchSampler(sampler(1, 0), None, 3, resume=(1, 2)))
+    swapped = _update_dataloader(loader, sampler(2, 0)).batch_sampler  # rank 0 of 2: 10 indices, 4 batches
+    assert swapped is not loader.batch_sampler and swapped.sampler.num_replicas == 2
+    assert list(swapped) == list(GroupedBatchSampler(sampler(2, 1), None, 3))[2:]
+
+
+def _tiny_task_and_data(kind: str, root: Path):
+    if kind == "segmentation":
+        from segmentation.data import ShapesSegmentationDataModule
+
+        data = ShapesSegmentationDataModule(root=str(root), num_train=6, num_val=1, image_size=32, batch_size=2,
+                                            num_workers=0)  # fmt: skip
+        options = {"norm": "gn", "frozen_stages": -1, "aspp_channels": 8, "decoder_channels": 8}
+        return SegmentationTask(model="deeplabv3plus_r18", model_options=options, lr=0.01), data
+    from backbones.classification import ShapesClassificationDataModule
+
+    data = ShapesClassificationDataModule(root=str(root), train_per_class=1, val_per_class=1, image_size=32,
+                                          batch_size=2, num_workers=0)  # fmt: skip
+    return ClassificationTask(model="resnet18", model_options={"norm": "gn"}, lr=0.01), data
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "classification"])
+def test_segmentation_and_classification_resume_mid_epoch_to_the_same_weights(kind, tmp_path):
+    """6 images in batches of 2, 2 epochs: resuming from the checkpoint of step 4 (epoch 1, one batch
+    done) must end with the weights of the run that never stopped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt_path=None, callbacks=()):
+        L.seed_everything(0, verbose=False)
+        task, data = _tiny_task_and_data(kind, tmp_path / "data")
+        trainer = L.Trainer(
+            max_epochs=2, limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", default_root_dir=tmp_path, callbacks=list(callbacks),
+            enable_checkpointing=bool(callbacks),
+        )  # fmt: skip
+        trainer.fit(task, data, ckpt_path=ckpt_path)
+        assert trainer.global_step == 6
+        return task.state_dict()
+
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    reference = fit(callbacks=[checkpoints])
+    mid_epoch = tmp_path / "ckpt" / "step=4.ckpt"
+    position = torch.load(mid_epoch, map_location="cpu", weights_only=True)
+    assert (position["epoch"], position["global_step"]) == (1, 4)
+    assert {(s["epoch"], s["batches_done"]) for k, s in position.items() if k.endswith("DataModule")} == {(1, 1)}
+    resumed = fit(ckpt_path=mid_epoch)
+    different = [k for k in reference if not torch.equal(reference[k], resumed[k])]
+    assert not different, f"{len(different)} tensors differ after resuming, e.g. {different[:5]}"
 
 
 class _Noise(Dataset):

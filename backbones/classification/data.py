@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from backbones.distributed import eval_sampler
+from backbones.samplers import ResumableTrainData, SeededSamples
 from backbones.images import ImageFileError, read_rgb_image
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
 
@@ -157,7 +158,7 @@ def _mean_std(
     return mean, std
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ResumableTrainData, L.LightningDataModule):
     """ImageNet-style folders for training, validation, testing and prediction.
 
     ``num_classes`` and ``class_names`` come from the training folder's class folders (or the
@@ -251,9 +252,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def train_dataloader(self) -> DataLoader:
+        # Shuffle and augmentations follow from (seed, epoch, index): a run resumed mid-epoch sees the same
+        # batches as an uninterrupted one (backbones.samplers). Full batches only: a last batch of one image
+        # breaks batch norm.
         dataset = self.dataset("train")
-        # Full batches only: a last batch of one image breaks batch norm.
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
+        options = self.train_loader_kwargs(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size)
+        return self._loader(SeededSamples(dataset), **options)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.dirs["val"] is None:  # fitting without validation
@@ -268,12 +272,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         # Each image on exactly one rank, no padding copies: top-k counts are summed over ranks.
-        return self._loader(dataset, self.val_batch_size, sampler=eval_sampler(dataset))
+        return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

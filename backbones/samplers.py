@@ -1,15 +1,20 @@
-"""Training samplers: aspect-ratio grouped batches over a seeded, DDP-aware shuffle, resumable mid-epoch.
+"""Training samplers of every task: batches over a seeded, DDP-aware shuffle, resumable mid-epoch.
 
 A run killed mid-epoch and resumed from its last checkpoint trains on the same batches, with the
 same augmentations, as a run that was never stopped:
 
-- the shuffle is a function of (seed, epoch) (`train_sampler`), and `GroupedBatchSampler.resume_at`
-  makes the first pass after a restart skip the batches already trained on;
+- the shuffle is a function of (seed, epoch) (`train_sampler`), and a `GroupedBatchSampler` made with
+  `resume=(epoch, batches_done)` skips, in its first pass over that epoch, the batches already trained
+  on. It is a constructor argument so that it survives Lightning re-making the batch sampler around
+  its own `DistributedSampler` under DDP;
 - with a `seed`, `GroupedBatchSampler` yields `SampleKey(index, seed)` and `SeededSamples` runs each
   sample's random transforms from that seed, so an augmentation depends on (seed, epoch, index) only,
   not on the RNG history of the process, the number of workers or a restart;
 - `training_state(trainer)` records the epoch, the batches done in it and the global RNG state (which
   the model's own sampling draws from) in the checkpoint; `restore_training_state` puts them back.
+
+`ResumableTrainData` gives a LightningDataModule all of this: its `state_dict`/`load_state_dict` and
+`train_batch_sampler`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GroupedBatchSampler",
+    "ResumableTrainData",
     "SampleKey",
     "SeededSamples",
     "global_seed",
@@ -60,28 +66,36 @@ class GroupedBatchSampler(BatchSampler):
     cut into batches, so there are always ``ceil(len(sampler) / batch_size)`` batches
     (the same on every DDP rank) and only the last one or two may mix groups. The order
     is a function of the sampler's order, so a seeded sampler makes it deterministic.
+    Without ``group_ids`` it is a plain batch sampler: consecutive runs of the sampler's order.
 
     Args:
         sampler: yields dataset indices, e.g. a ``DistributedSampler`` for this rank.
-        group_ids: group id of every dataset index.
+        group_ids: group id of every dataset index; None: one group.
         batch_size: size of every batch but the last ones.
         seed: if given, batches hold ``SampleKey(index, seed)`` with a seed drawn from
             (seed, epoch, index), for a dataset wrapped in ``SeededSamples``.
+        drop_last: drop the last batch if it is smaller than ``batch_size`` (``floor`` batches).
+        resume: ``(epoch, batches_done)``: the first pass over that epoch skips its first
+            ``batches_done`` batches (see `resume_at`).
     """
 
     def __init__(
         self,
         sampler: Sampler[int] | Iterable[int],
-        group_ids: Sequence[int],
+        group_ids: Sequence[int] | None,
         batch_size: int,
         *,
         seed: int | None = None,
+        drop_last: bool = False,
+        resume: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(sampler, batch_size, drop_last=False)
-        self.group_ids = list(group_ids)
+        super().__init__(sampler, batch_size, drop_last=drop_last)
+        self.group_ids = None if group_ids is None else list(group_ids)
         self.seed = seed
         self._epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) for the next pass
+        if resume is not None:
+            self.resume_at(*resume)
 
     @property
     def epoch(self) -> int:
@@ -103,16 +117,20 @@ class GroupedBatchSampler(BatchSampler):
     def _batches(self) -> Iterator[list[int]]:
         buffers: dict[int, list[int]] = defaultdict(list)
         for index in self.sampler:
-            buffer = buffers[self.group_ids[index]]
+            buffer = buffers[0 if self.group_ids is None else self.group_ids[index]]
             buffer.append(index)
             if len(buffer) == self.batch_size:
                 yield buffer.copy()
                 buffer.clear()
         leftovers = [index for buffer in buffers.values() for index in buffer]
         for start in range(0, len(leftovers), self.batch_size):
-            yield leftovers[start : start + self.batch_size]
+            batch = leftovers[start : start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.sampler) // self.batch_size
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -197,3 +215,37 @@ def restore_training_state(state: dict[str, Any]) -> tuple[int, int] | None:
     if "cuda_rng_states" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng_states"])
     return int(state["epoch"]), int(state["batches_done"])
+
+
+class ResumableTrainData:
+    """A LightningDataModule mixin: training batches that resume mid-epoch where the checkpoint stopped.
+
+    Lightning saves the data module's `state_dict` in every checkpoint and, on resume, calls
+    `load_state_dict` before it asks for the training loader. Build that loader over
+    `SeededSamples(dataset)` with `train_loader_kwargs`:
+
+        def train_dataloader(self):
+            dataset = self.dataset("train")
+            return DataLoader(SeededSamples(dataset), **self.train_loader_kwargs(dataset, 8), num_workers=2)
+    """
+
+    _resume_at: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the epoch, the batches done in it and the RNG state (`training_state`)."""
+        return training_state(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_at = restore_training_state(state_dict)
+
+    def train_loader_kwargs(
+        self, dataset: Dataset, batch_size: int, *, group_ids: Sequence[int] | None = None, drop_last: bool = False
+    ) -> dict[str, Any]:
+        """`batch_sampler` (seeded, DDP-aware shuffle, grouped by `group_ids`, resumed where the checkpoint
+        stopped) and `generator` (worker seeds from the run's seed, not drawn from the global RNG)."""
+        seed = global_seed()
+        batch_sampler = GroupedBatchSampler(
+            train_sampler(dataset, seed), group_ids, batch_size, seed=seed, drop_last=drop_last, resume=self._resume_at
+        )
+        self._resume_at = None  # once: a loader made again later starts its epoch from the beginning
+        return {"batch_sampler": batch_sampler, "generator": torch.Generator().manual_seed(seed)}
