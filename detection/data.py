@@ -136,6 +136,13 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self._dataset("test"))
 
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._dataset(self._predict_split()))
+
+    def _predict_split(self) -> str:
+        """`predict` runs on the test split when it is given, else on the validation split."""
+        return "test" if all(self.split_paths["test"]) else "val"
+
     def _eval_loader(self, dataset: CocoDetection) -> DataLoader:
         # Each image on exactly one rank, no padding copies (see backbones.distributed).
         return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
@@ -154,8 +161,8 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
         given = [split for split, paths in self.split_paths.items() if all(paths)]
         if stage == "fit":  # validation is optional when fitting
             return ["train", *(["val"] if "val" in given else [])]
-        if stage in ("validate", "test"):
-            return [{"validate": "val", "test": "test"}[stage]]
+        if stage in ("validate", "test", "predict"):
+            return [{"validate": "val", "test": "test", "predict": self._predict_split()}[stage]]
         return given if stage is None else []
 
     def _build_dataset(self, split: str) -> CocoDetection:

@@ -75,6 +75,10 @@ def test_validate_and_predict_from_checkpoint(tiny_shapes, tmp_path):
     ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))
     cli = train_det.main(["validate", *common, f"--ckpt_path={ckpt}"])
     assert {"val_bbox_AP", "val_bbox_AP50", "val_bbox_APs", "val_bbox_APl"} <= set(cli.trainer.callback_metrics)
+    cli = train_det.main(["predict", *common, f"--ckpt_path={ckpt}"])  # the test split is the val split here
+    predictions = [p for batch in cli.trainer.predict_loop.predictions for p in batch]
+    assert sorted(p["image_id"] for p in predictions) == [1, 2, 3]  # every image once
+    assert all({"boxes", "labels", "scores"} <= set(p) for p in predictions)
 
     from detection.task import DetectionTask
 
