@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.segmentation.deeplabv3 import ASPPPooling
+from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 from torchvision.ops import FrozenBatchNorm2d
 
 from .blocks import BasicBlock, Bottleneck, PreActBottleneck
@@ -55,6 +56,9 @@ _NAMED_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
 # Sequential subclasses whose own forward still runs the children in order.
 _IN_ORDER_SEQUENTIALS = (ASPPPooling,)
 _BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+# Exact types, whose forward is known: a subclass may do more than its affine map (timm's norm + act
+# layers apply a dropout and an activation after it, which stay when the norm is folded).
+_FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, BatchNormAct2d, FrozenBatchNormAct2d)
 
 
 def _runs_in_order(module: nn.Module) -> bool:
@@ -73,7 +77,14 @@ def _last_conv(module: nn.Module) -> nn.Conv2d | None:
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (FrozenBatchNorm2d, *_BATCH_NORMS))
+    return type(module) in _FOLDABLE_NORMS
+
+
+def _after_folding(norm: nn.Module) -> nn.Module:
+    """What is left of `norm` once its affine map is in the conv: nothing, or timm's dropout and activation."""
+    if isinstance(norm, (BatchNormAct2d, FrozenBatchNormAct2d)):
+        return norm.act if isinstance(norm.drop, nn.Identity) else nn.Sequential(norm.drop, norm.act)
+    return nn.Identity()
 
 
 def _candidate_pairs(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Conv2d, nn.Module]]:
@@ -122,7 +133,8 @@ def fold_batch_norms(model: nn.Module) -> list[str]:
         model: any module; BatchNorm2d/SyncBatchNorm must be in eval mode, FrozenBatchNorm2d always is.
 
     Returns:
-        The names of the norms folded (each is now an `nn.Identity`).
+        The names of the norms folded (each is now an `nn.Identity`, or for timm's `BatchNormAct2d`
+        its activation).
 
     Raises:
         ValueError: a batch norm that would be folded is in training mode (it normalizes with the
@@ -141,7 +153,7 @@ def fold_batch_norms(model: nn.Module) -> list[str]:
         if _running_stats(norm) is None or norm.running_mean.numel() != conv.out_channels:
             continue  # track_running_stats=False: batch statistics even in eval mode
         _fold(conv, norm)
-        setattr(parent, name, nn.Identity())
+        setattr(parent, name, _after_folding(norm))
         folded.append(_name(parent_name, name))
     return folded
 

@@ -13,6 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import detection
 import segmentation.models
 from backbones import create_backbone, create_model, fuse_for_inference
+from backbones.cpu_conv import FusedConv2d
 from backbones.fusion import fold_batch_norms
 
 NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
@@ -106,6 +107,29 @@ def test_training_mode_norms_are_refused_and_frozen_ones_folded():
 def test_norm_without_running_stats_is_left_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     assert fold_batch_norms(model) == [] and isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_timm_norm_act_keeps_its_activation_and_unknown_norm_subclasses_stay():
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
+
+    class ScaledNorm(nn.BatchNorm2d):  # a subclass whose forward does more than the affine map
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8),  # BN then ReLU
+        nn.Conv2d(8, 8, 3, padding=1), FrozenBatchNormAct2d(8, act_layer=nn.GELU),
+        nn.Conv2d(8, 8, 1), ScaledNorm(8),
+    )  # fmt: skip
+    with torch.no_grad():  # randomize_norms knows torchvision's frozen norm, not timm's
+        model[3].running_mean.uniform_(-0.5, 0.5), model[3].running_var.uniform_(0.5, 1.5), model[3].weight.uniform_(0.5, 1.5)
+    reference, fused = fused_pair(model)
+    assert isinstance(fused[1], nn.Identity) and fused[0].activation == "relu"  # the ReLU went into the conv
+    assert isinstance(fused[3], nn.GELU) and isinstance(fused[5], ScaledNorm)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert_close(fused(x), reference(x))
 
 
 def _detections(model, images):
