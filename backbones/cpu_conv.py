@@ -9,9 +9,9 @@ with the same parameters and state dict; only its forward differs:
 
     y = relu(conv(x) + residual)    (each part optional)
 
-The oneDNN path runs for float32 CPU inputs when no gradient is needed and the model is not being
-traced by `torch.compile`; anywhere else (CUDA, half precision, training, tracing) the same result
-comes from `F.conv2d`, `add` and `relu`. The reordered weight is rebuilt when the weight changes
+The oneDNN path runs for float32 CPU inputs when no gradient is needed, autocast is off and the
+model is not being traced by `torch.compile`; anywhere else (CUDA, half precision, autocast,
+training, tracing) the same result comes from `F.conv2d`, `add` and `relu`. The reordered weight is rebuilt when the weight changes
 (a new tensor, another device or dtype, or an in-place update), and is never saved.
 """
 
@@ -75,6 +75,7 @@ class FusedConv2d(nn.Conv2d):
             and self.weight.dtype == torch.float32
             and x.dim() == 4
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu")  # autocast picks the dtype: leave it to F.conv2d
             and not torch.compiler.is_compiling()
             and cpu_kernels_available()
         )

@@ -71,6 +71,9 @@ def test_gradients_and_other_dtypes_take_the_plain_path():
     F.relu(plain(x) + residual).square().sum().backward()
     torch.testing.assert_close(fused.weight.grad, plain.weight.grad)
     assert fused._packed is None  # training never reorders
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides, as for a conv
+        assert fused(x).dtype == plain(x).dtype == torch.bfloat16
+        assert fused(x, residual.bfloat16()).dtype == torch.bfloat16
     fused64 = copy.deepcopy(fused).double()
     with torch.inference_mode():
         out = fused64(x.double(), residual.double())
