@@ -14,7 +14,7 @@ same augmentations, as a run that was never stopped:
   the model's own sampling draws from) in the checkpoint; `restore_training_state` puts them back.
 
 `ResumableTrainData` gives a LightningDataModule all of this: its `state_dict`/`load_state_dict` and
-`train_batch_sampler`.
+`train_loader_kwargs`.
 """
 
 from __future__ import annotations
