@@ -17,6 +17,8 @@ training, tracing) the same result comes from `F.conv2d`, `add` and `relu`. The 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -26,6 +28,7 @@ __all__ = ["FusedConv2d", "cpu_kernels_available"]
 ACTIVATIONS = (None, "relu")
 
 
+@functools.cache  # asked on every forward of every conv
 def cpu_kernels_available() -> bool:
     """Whether this build of torch has the oneDNN (mkldnn) fused-conv ops."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")

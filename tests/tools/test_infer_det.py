@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
-from tests.tools.loader import load_tool
+from tests.tools.loader import fit_one_step, load_tool
 
 TINY = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
         "box_score_thresh": 0.0}  # a barely trained model: keep its low-scored detections
@@ -26,14 +26,7 @@ def checkpoint(tmp_path_factory):
         root=str(root / "shapes"), num_train=2, num_val=2, image_size=64, batch_size=2, num_workers=0, with_masks=True
     )
     task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=TINY, warmup_steps=0)
-    trainer = L.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", default_root_dir=str(root),
-    )  # fmt: skip
-    trainer.fit(task, datamodule)
-    path = root / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path, datamodule.root / "val"
+    return fit_one_step(task, datamodule, root), datamodule.root / "val"
 
 
 def test_fast_path_by_default_and_same_results_without_it(checkpoint, tmp_path, monkeypatch):

@@ -1,13 +1,12 @@
 """tools/infer_seg.py on a checkpoint from a one-step fit."""
 
 import cv2
-import lightning as L
 import numpy as np
 import pytest
 
 from segmentation.data import ShapesSegmentationDataModule
 from segmentation.task import SegmentationTask
-from tests.tools.loader import load_tool
+from tests.tools.loader import fit_one_step, load_tool
 
 infer_seg = load_tool("infer_seg")
 
@@ -19,14 +18,7 @@ def checkpoint(tmp_path_factory):
         root=str(root / "shapes"), num_train=2, num_val=2, image_size=40, batch_size=2, num_workers=0
     )
     task = SegmentationTask(model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32})
-    trainer = L.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", default_root_dir=str(root),
-    )  # fmt: skip
-    trainer.fit(task, datamodule)
-    path = root / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path, datamodule.root / "val"
+    return fit_one_step(task, datamodule, root), datamodule.root / "val"
 
 
 def test_overlays_for_a_folder_and_an_image(checkpoint, tmp_path):
