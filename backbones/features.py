@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FeatureInfo", "feature_name", "feature_stride", "OUTPUT_STRIDES"]
+__all__ = ["FeatureInfo", "feature_name", "OUTPUT_STRIDES"]
 
 OUTPUT_STRIDES = (8, 16, 32)
 
@@ -21,11 +21,6 @@ class FeatureInfo:
 def feature_name(index: int) -> str:
     """The key of output `index`: 0 is the stem (`stem`), 1 to 4 are the stages (`c2` to `c5`)."""
     return "stem" if index == 0 else f"c{index + 1}"
-
-
-def feature_stride(index: int) -> int:
-    """The nominal stride of output `index` without dilation: 2, 4, 8, 16, 32."""
-    return 2 ** (index + 1)
 
 
 def check_out_indices(out_indices: tuple[int, ...], num_outputs: int = 5) -> tuple[int, ...]:

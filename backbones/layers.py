@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-__all__ = ["NORMS", "NormLayer", "get_norm_layer", "freeze_module", "is_frozen_norm", "FrozenBatchNorm2d"]
+__all__ = ["NORMS", "NormLayer", "get_norm_layer", "freeze_module", "FrozenBatchNorm2d"]
 
 NormLayer = Callable[[int], nn.Module]
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
@@ -45,10 +44,6 @@ def get_norm_layer(norm: str | NormLayer) -> NormLayer:
     if norm not in factories:
         raise ValueError(f"norm={norm!r}; choose one of {', '.join(map(repr, NORMS))} or pass a callable")
     return factories[norm]
-
-
-def is_frozen_norm(module: nn.Module) -> bool:
-    return isinstance(module, FrozenBatchNorm2d)
 
 
 _BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -95,5 +90,3 @@ def zero_init_(norm: nn.Module) -> None:
         with torch.no_grad():
             weight.zero_()
 
-
-conv1x1 = partial(nn.Conv2d, kernel_size=1, bias=False)

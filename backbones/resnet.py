@@ -40,7 +40,6 @@ def make_stages(
     layers: Sequence[int],
     *,
     in_channels: int,
-    stem_stride: int = 4,
     output_stride: int = 32,
     multi_grid: Sequence[int] | None = None,
     avg_down: bool = False,
@@ -56,7 +55,7 @@ def make_stages(
     """
     stages, infos = [], []
     total_blocks, block_index = sum(layers), 0
-    net_stride, dilation = stem_stride, 1
+    net_stride, dilation = 4, 1  # the stem reduces by 4
     for stage_index, num_blocks in enumerate(layers):
         planes = 64 * 2**stage_index
         stride = 1 if stage_index == 0 else 2

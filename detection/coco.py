@@ -23,7 +23,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from backbones.images import read_rgb_image
+from backbones.data.images import read_rgb_image
 
 __all__ = [
     "MAX_NAMES_IN_ERROR",

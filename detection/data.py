@@ -12,10 +12,10 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from backbones.distributed import eval_sampler
-from backbones.images import ImageFileError, read_rgb_image
-from backbones.samplers import GroupedBatchSampler, ResumableTrainData, SeededSamples
-from backbones.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
+from backbones.training.distributed import eval_sampler
+from backbones.data.images import ImageFileError, read_rgb_image
+from backbones.training.samplers import GroupedBatchSampler, ResumableTrainData, SeededSamples
+from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 from detection.coco import (
     MAX_NAMES_IN_ERROR,
     REQUIRED_KEYS,
@@ -125,7 +125,7 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Shuffle, batches and augmentations follow from (seed, epoch, index): a resumed run sees the
-        # same batches as an uninterrupted one (see backbones.samplers).
+        # same batches as an uninterrupted one (see backbones.training.samplers).
         dataset = self._dataset("train")
         options = self.train_loader_kwargs(dataset, self.batch_size, group_ids=dataset.aspect_ratio_group_ids())
         return self._loader(SeededSamples(dataset), **options)
@@ -144,7 +144,7 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
         return "test" if all(self.split_paths["test"]) else "val"
 
     def _eval_loader(self, dataset: CocoDetection) -> DataLoader:
-        # Each image on exactly one rank, no padding copies (see backbones.distributed).
+        # Each image on exactly one rank, no padding copies (see backbones.training.distributed).
         return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
 
     def _categories(self) -> list[dict]:
@@ -199,7 +199,7 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
 
 
 class ShapesDataModule(CocoDetectionDataModule):
-    """The built-in synthetic shapes dataset (:mod:`backbones.shapes`) as detection data.
+    """The built-in synthetic shapes dataset (:mod:`backbones.data.shapes`) as detection data.
 
     The images are generated on first use (``prepare_data``, which Lightning runs on
     one process per node, or ``setup``) and cached; the test split is the validation

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from backbones.distributed import eval_sampler
-from backbones.samplers import ResumableTrainData, SeededSamples
-from backbones.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
+from backbones.training.distributed import eval_sampler
+from backbones.training.samplers import ResumableTrainData, SeededSamples
+from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 
 from .datasets import (
     IGNORE_INDEX,
@@ -125,7 +125,7 @@ class SegmentationDataModule(ResumableTrainData, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Shuffle and augmentations follow from (seed, epoch, index): a run resumed mid-epoch sees the same
-        # batches as an uninterrupted one (backbones.samplers). Full batches only: a batch of one breaks
+        # batches as an uninterrupted one (backbones.training.samplers). Full batches only: a batch of one breaks
         # BN after ASPP's image pooling (1x1 features).
         dataset = self.dataset("train")
         options = self.train_loader_kwargs(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size)
@@ -281,13 +281,13 @@ class FolderSegmentationDataModule(SegmentationDataModule):
 
 
 class ShapesSegmentationDataModule(FolderSegmentationDataModule):
-    """The built-in synthetic shapes (:mod:`backbones.shapes`): background, circle, square, triangle.
+    """The built-in synthetic shapes (:mod:`backbones.data.shapes`): background, circle, square, triangle.
 
     Generated on first use (``prepare_data``, or ``setup``) into a cache folder named after the
     parameters; the test split is the validation split.
 
     Args:
-        root: dataset folder; None uses ``backbones.shapes.shapes_root`` of the parameters.
+        root: dataset folder; None uses ``backbones.data.shapes.shapes_root`` of the parameters.
         num_train, num_val, image_size, seed: generator parameters.
         crop_size: training crop side (default: ``image_size``).
         **kwargs: loader and transform settings of `SegmentationDataModule`.

@@ -23,7 +23,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from backbones.images import ImageFileError, read_rgb_image
+from backbones.data.images import ImageFileError, read_rgb_image
 
 from .transforms import IGNORE_INDEX
 

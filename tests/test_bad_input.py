@@ -31,7 +31,7 @@ import torch
 
 from backbones import WeightsError, create_backbone, create_model
 from backbones.classification import ClassificationTask, ImageFolderDataModule
-from backbones.shapes import generate_shapes
+from backbones.data.shapes import generate_shapes
 from detection.data import CocoDetectionDataModule
 from detection.models import build_model as build_detector
 from detection.task import DetectionTask

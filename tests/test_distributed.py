@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from backbones.classification import ClassificationTask, generate_shapes_classification
-from backbones.shapes import generate_shapes
+from backbones.data.shapes import generate_shapes
 from tests import distributed_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]

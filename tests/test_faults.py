@@ -23,9 +23,9 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from backbones import WeightsError
 from backbones.classification import ClassificationTask
-from backbones.shapes import generate_shapes
+from backbones.data.shapes import generate_shapes
 from detection.models import HEAD_PREFIXES as DETECTION_HEADS
-from backbones.samplers import GroupedBatchSampler, SampleKey, SeededSamples, training_state
+from backbones.training.samplers import GroupedBatchSampler, SampleKey, SeededSamples, training_state
 from detection.task import DetectionTask
 from segmentation.models import HEAD_PREFIXES as SEGMENTATION_HEADS
 from segmentation.task import SegmentationTask

@@ -82,7 +82,7 @@ fit_and_validate classification train_cls.py configs/classification/resnet18_sha
 
 if [[ $ACCELERATOR != cpu ]]; then
     # Trainer(sync_batchnorm=True) under DDP: the trainable batch norms become SyncBatchNorm, the frozen
-    # stem and layer1 stay plain and frozen (backbones.distributed prints the counts).
+    # stem and layer1 stay plain and frozen (backbones.training.distributed prints the counts).
     check classification_sync_bn "frozen ones keep theirs" "$PYTHON" "$ROOT/tools/train_cls.py" fit \
         --config "$ROOT/configs/classification/resnet18_shapes.yaml" "${COMMON[@]}" \
         --trainer.strategy ddp --trainer.sync_batchnorm true --model.model_options.frozen_stages 1 \

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from backbones.fusion import prepare_for_inference
-from backbones.images import ImageFileError, read_rgb_image
+from backbones.data.images import ImageFileError, read_rgb_image
 from backbones.weights import load_task_checkpoint
 from segmentation.data import IMAGE_EXTENSIONS
 from segmentation.task import SegmentationTask

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from backbones.cli import run_cli
+from backbones.training.cli import run_cli
 from backbones.classification import ClassificationTask, ImageFolderDataModule
 
 

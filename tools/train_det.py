@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from backbones.cli import run_cli
+from backbones.training.cli import run_cli
 from detection.data import CocoDetectionDataModule
 from detection.task import DetectionTask
 

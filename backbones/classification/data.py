@@ -18,9 +18,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from backbones.distributed import eval_sampler
-from backbones.samplers import ResumableTrainData, SeededSamples
-from backbones.images import ImageFileError, read_rgb_image
+from backbones.training.distributed import eval_sampler
+from backbones.training.samplers import ResumableTrainData, SeededSamples
+from backbones.data.images import ImageFileError, read_rgb_image
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
 
 from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
@@ -253,7 +253,7 @@ class ImageFolderDataModule(ResumableTrainData, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Shuffle and augmentations follow from (seed, epoch, index): a run resumed mid-epoch sees the same
-        # batches as an uninterrupted one (backbones.samplers). Full batches only: a last batch of one image
+        # batches as an uninterrupted one (backbones.training.samplers). Full batches only: a last batch of one image
         # breaks batch norm.
         dataset = self.dataset("train")
         options = self.train_loader_kwargs(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size)

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from backbones.cache import build_once, default_cache_dir
+from backbones.data.cache import build_once, default_cache_dir
 
 __all__ = ["SHAPES_CLASSIFICATION_CLASSES", "generate_shapes_classification", "shapes_classification_root"]
 

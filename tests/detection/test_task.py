@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbones.shapes import generate_shapes
+from backbones.data.shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "detection").glob("*.yaml"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backbones import WEIGHTS
-from backbones.shapes import generate_shapes
+from backbones.data.shapes import generate_shapes
 from segmentation.data import VOC_CATEGORY_IDS
 from segmentation.task import SegmentationTask
 

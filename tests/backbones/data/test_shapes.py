@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from backbones import shapes
-from backbones.shapes import ShapesPaths, default_cache_dir, generate_shapes, shapes_root
+from backbones.data import shapes
+from backbones.data.shapes import ShapesPaths, default_cache_dir, generate_shapes, shapes_root
 
 TINY = {"num_train": 8, "num_val": 2, "image_size": 64}
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from .layers import FrozenBatchNorm2d, convert_sync_batchnorm
+from backbones.layers import FrozenBatchNorm2d, convert_sync_batchnorm
 
 if TYPE_CHECKING:
+    import lightning as L
     from lightning.pytorch import Trainer
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "count_batch_norms",
     "eval_sampler",
     "prepare_sync_batchnorm",
+    "prepare_task_model",
 ]
 
 
@@ -139,3 +142,17 @@ def count_batch_norms(model: nn.Module) -> tuple[int, int]:
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             trainable += 1
     return trainable, frozen
+
+
+def prepare_task_model(task: L.LightningModule, *, channels_last: bool = False) -> None:
+    """What every task does in `configure_model`, before Lightning wraps it for DDP.
+
+    Installs the frozen-aware SyncBatchNorm conversion (`backbones.training.distributed.prepare_sync_batchnorm`)
+    and, with `channels_last`, turns every 4-D weight of the task into channels-last memory. The
+    inputs need no conversion: a convolution whose weight is channels-last runs channels-last (cuDNN
+    and oneDNN convert its input), and its output, channels-last, carries the format on.
+    """
+    if task._trainer is not None:  # Lightning's load_from_checkpoint calls configure_model without a trainer
+        prepare_sync_batchnorm(task.trainer, task)
+    if channels_last:
+        task.to(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from backbones import create_backbone
-from backbones.distributed import EvalDistributedSampler, FrozenAwareSyncBatchNorm, eval_sampler, prepare_sync_batchnorm
+from backbones.training.distributed import EvalDistributedSampler, FrozenAwareSyncBatchNorm, eval_sampler, prepare_sync_batchnorm
 from backbones.training import batch_scaled_lr, global_batch_size
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -25,10 +24,11 @@ from backbones.classification import (
 )
 from backbones.weights_table import WEIGHTS
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools.loader import load_tool
+
+ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = sorted((ROOT / "configs" / "classification").glob("*.yaml"))
-sys.path.insert(0, str(ROOT / "tools"))
-import train_cls  # noqa: E402
+train_cls = load_tool("train_cls")
 
 TINY = dict(train_per_class=3, val_per_class=2, image_size=32, seed=1)
 
