@@ -1,6 +1,20 @@
-"""ResBone detection: Faster and Mask R-CNN on the backbone registry, COCO data and mAP evaluation."""
+"""ResBone detection: Faster and Mask R-CNN on the backbone registry, COCO data and mAP evaluation.
+
+The models and the evaluator import neither Lightning nor OpenCV; the task and the data modules are
+imported on first use.
+"""
+
+from backbones.lazy import lazy_exports
 
 from .evaluation import COCOEvaluator
 from .models import PRESETS, build_model
 
-__all__ = ["COCOEvaluator", "PRESETS", "build_model"]
+_MACHINERY = {
+    "CocoDetection": ".coco",
+    "CocoDetectionDataModule": ".data",
+    "DetectionTask": ".task",
+    "ShapesDataModule": ".data",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _MACHINERY)
+
+__all__ = ["COCOEvaluator", "PRESETS", "build_model", *_MACHINERY]
