@@ -84,7 +84,7 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
     detector = DetectionTask(
         model="faster_rcnn_r18_fpn", num_classes=4, model_options={"min_size": 48, "max_size": 48},
-        category_names=CATEGORY_NAMES, label_to_category_id={1: 1, 2: 3, 3: 7},
+        class_names=CATEGORY_NAMES, label_to_category_id={1: 1, 2: 3, 3: 7},
     )  # fmt: skip
     names = ["background", *CATEGORY_NAMES[1:]]
     segmenter = SegmentationTask(model="deeplabv3plus_r18", num_classes=4, class_names=names)

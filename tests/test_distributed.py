@@ -111,7 +111,7 @@ def _fit_setup(name: str, tiny_data: Path):
     task_class, task, datamodule = worker.TASKS[name](tiny_data)
     options = dict(task.hparams, channels_last=True)
     if name == "classification":
-        options.update(lr=None, lr_per_256=0.1)  # its scaled setting: the rate per 256 images
+        options.update(lr=0.1, lr_reference_batch_size=256)  # its default: the rate per 256 images
         expected = 0.1 * 2 * 2 / 256  # batch 2 per device x 1 device x 2 accumulated
     else:
         options.update(lr=0.01, lr_reference_batch_size=16)

@@ -84,7 +84,7 @@ def test_validate_and_predict_from_checkpoint(tiny_shapes, tmp_path):
 
     task = DetectionTask.load_from_checkpoint(ckpt, weights_only=True)  # hparams carry num_classes and names
     assert task.hparams.num_classes == 4
-    assert task.hparams.category_names[1:] == ["circle", "square", "triangle"]
+    assert task.hparams.class_names[1:] == ["circle", "square", "triangle"]
 
     import infer_det
 

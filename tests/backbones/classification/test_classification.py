@@ -175,7 +175,7 @@ def test_paper_schedule_and_cosine_warmup():
     paper = ClassificationTask(model="resnet18", num_classes=6).lr_schedule(total_steps=900, steps_per_epoch=10)
     assert [paper(s) for s in (0, 299, 300, 599, 600, 799)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     assert paper(800) == pytest.approx(0.001)
-    task = ClassificationTask(model="resnet18", num_classes=6, schedule="cosine", warmup_epochs=5, warmup_factor=0.001)
+    task = ClassificationTask(model="resnet18", num_classes=6, schedule="cosine", warmup=5, warmup_factor=0.001)
     cosine = task.lr_schedule(total_steps=1200, steps_per_epoch=10)
     assert cosine(0) == pytest.approx(0.001) and cosine(50) == pytest.approx(0.5 * (1 + np.cos(np.pi * 50 / 1200)))
     assert cosine(1200) == pytest.approx(0.0, abs=1e-9)
@@ -239,7 +239,7 @@ def test_ema_is_updated_used_for_validation_and_checkpointed(tiny_root, tmp_path
 
 def test_num_classes_smaller_than_the_data_is_an_error(tiny_root, tmp_path):
     task = ClassificationTask(model="resnet18", num_classes=3)
-    with pytest.raises(ValueError, match="num_classes=3, but the data has 6 classes"):
+    with pytest.raises(ValueError, match="num_classes=3, but the data module has 6 classes; the model needs at least 6"):
         _trainer(tmp_path, fast_dev_run=1).fit(task, datamodule=_tiny_data(tiny_root))
 
 
