@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from backbones.data.images import ImageFileError, read_rgb_image
-from backbones.training.datamodule import TaskDataModule
+from backbones.training.datamodule import BACKGROUND, TaskDataModule
 from backbones.training.samplers import GroupedBatchSampler
 from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 from detection.coco import (
@@ -101,8 +101,8 @@ class CocoDetectionDataModule(TaskDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """Category name per label; index 0 is ``"__background__"``."""
-        return ["__background__", *(c["name"] for c in self._categories())]
+        """Category name per label; label 0 is ``BACKGROUND`` ("__background__")."""
+        return [BACKGROUND, *(c["name"] for c in self._categories())]
 
     @property
     def val_annotations(self) -> str | None:

@@ -35,7 +35,7 @@ class DetectionTask(TrainingTask):
         lr, schedule, milestones, warmup: as in `TrainingTask`; the defaults are the 1x schedule's
             (lr 0.02 for 16 images, decay at epochs 8 and 11 of 12, 500 steps of warmup).
         **kwargs: the other `TrainingTask` settings (num_classes, lr_reference_batch_size, momentum,
-            weight_decay, milestones_unit, warmup_unit, channels_last ...).
+            weight_decay, milestones_unit, warmup_unit, mean, std, channels_last ...).
     """
 
     progress_metric = "bbox_AP"
@@ -63,6 +63,10 @@ class DetectionTask(TrainingTask):
     def build_model(self, num_classes: int) -> None:
         options = dict(self.hparams.model_options or {})
         options.setdefault("resize_in_training", False)  # our data modules resize (multi-scale) already
+        if {"image_mean", "image_std"} & options.keys():
+            raise ValueError("model_options.image_mean/image_std: set the task's mean and std instead (one setting)")
+        # torchvision's transform normalizes the [0, 1] images inside the model, with the task's statistics
+        options.update(image_mean=list(self.hparams.mean), image_std=list(self.hparams.std))
         self.model = build_model(
             self.hparams.model,
             num_classes=num_classes,

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 
-from backbones.training.datamodule import TaskDataModule
+from backbones.training.datamodule import BACKGROUND, TaskDataModule
 
 from .datasets import (
     IGNORE_INDEX,
@@ -136,7 +136,7 @@ class CocoSegmentationDataModule(SegmentationDataModule):
                 raise ValueError("no annotation file given; set train_, val_ or test_annotations with its images")
             coco = load_coco(given[0])  # the smallest file usually; every split must have the same classes
             ids = check_category_ids(self.category_ids, coco, Path(given[0]))
-            self._class_names = ["__background__", *(coco.cats[c]["name"] for c in ids)]
+            self._class_names = [BACKGROUND, *(coco.cats[c]["name"] for c in ids)]
         return self._class_names
 
     @property
@@ -164,6 +164,8 @@ class FolderSegmentationDataModule(SegmentationDataModule):
         image_suffix, mask_suffix: see `FolderSegmentation`.
         **kwargs: loader and transform settings of `SegmentationDataModule`.
     """
+
+    split_path_names = ("images", "masks")
 
     def __init__(
         self,
@@ -237,7 +239,7 @@ class ShapesSegmentationDataModule(FolderSegmentationDataModule):
         self.shapes_params = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
         self.root = Path(root) if root is not None else shapes_root(**self.shapes_params)
         paths = ShapesPaths.at(self.root)
-        names = ["background", *(c["name"] for c in shapes_categories())]
+        names = [BACKGROUND, *(c["name"] for c in shapes_categories())]
         super().__init__(
             num_classes=len(names), class_names=names,
             train_images=str(paths.train_images), train_masks=str(paths.train_masks),

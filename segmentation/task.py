@@ -5,15 +5,13 @@ Optimizer, schedule, num_classes and the evaluation hooks are `backbones.trainin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from backbones.training import TrainingTask, check_finite_losses
-from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
 from .models import build_model
@@ -37,10 +35,9 @@ class SegmentationTask(TrainingTask):
         model_options: more `build_model` arguments (norm, frozen_stages, multi_grid,
             atrous_rates, aspp_channels, decoder_channels, separable, ...).
         aux_weight: weight of the aux head's loss (0.4 as in PSPNet; torchvision's references use 0.5).
-        mean, std: input normalization (the backbone weights' statistics).
         lr, schedule: as in `TrainingTask`; the defaults are DeepLab's (lr 0.01, poly decay).
         **kwargs: the other `TrainingTask` settings (num_classes, lr_reference_batch_size, power,
-            milestones, warmup, warmup_unit, channels_last ...).
+            milestones, warmup, warmup_unit, mean, std, channels_last ...).
     """
 
     progress_metric = "mIoU"
@@ -58,15 +55,11 @@ class SegmentationTask(TrainingTask):
         aux_loss: bool = False,
         model_options: dict[str, Any] | None = None,
         aux_weight: float = 0.4,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
         lr: float = 0.01,
         schedule: Literal["poly", "cosine", "step", "constant"] = "poly",
         **kwargs: Any,
     ):
         super().__init__(lr=lr, schedule=schedule, **kwargs)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         if self.hparams.num_classes is not None:
             self.build_model(self.hparams.num_classes)
 
@@ -80,7 +73,7 @@ class SegmentationTask(TrainingTask):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Logits `out` (and `aux`) (N, num_classes, H, W) of images in [0, 1] (N, 3, H, W)."""
-        return self.model((images - self.mean) / self.std)
+        return self.model(self.normalize(images))
 
     def _losses(self, outputs: dict[str, Tensor], masks: Tensor) -> dict[str, Tensor]:
         losses = {"loss_out": _cross_entropy(outputs["out"], masks)}

@@ -19,7 +19,6 @@ from torchvision.transforms import v2
 
 from backbones.data.images import ImageFileError, read_rgb_image
 from backbones.training.datamodule import TaskDataModule
-from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
 
 from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
 
@@ -113,47 +112,29 @@ def train_transforms(
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """RandomResizedCrop and horizontal flip; uint8 (3, H, W) in, normalized float (3, crop, crop) out."""
+    """RandomResizedCrop and horizontal flip; uint8 (3, H, W) in, float (3, crop, crop) in [0, 1] out.
+
+    The task normalizes (`TrainingTask.normalize`), as for detection and segmentation.
+    """
     return v2.Compose(
         [
             v2.RandomResizedCrop(crop_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
             v2.RandomHorizontalFlip(hflip),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
         ]
     )
 
 
-def val_transforms(
-    crop_size: int, resize_size: int, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> v2.Compose:
-    """Shorter side to ``resize_size``, then the central ``crop_size`` square; normalized float out."""
+def val_transforms(crop_size: int, resize_size: int) -> v2.Compose:
+    """Shorter side to ``resize_size``, then the central ``crop_size`` square; float in [0, 1] out."""
     return v2.Compose(
         [
             v2.Resize(resize_size, antialias=True),
             v2.CenterCrop(crop_size),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
         ]
     )
-
-
-def _mean_std(
-    weights_tag: str | None, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if weights_tag is not None and weights_tag not in WEIGHTS:
-        arch = weights_tag.split(".", 1)[0]
-        known = sorted(t for t in WEIGHTS if t.startswith(arch + ".")) or sorted(WEIGHTS)[:MAX_NAMES_IN_ERROR]
-        raise ValueError(f"weights_tag={weights_tag!r} is not in backbones.WEIGHTS; e.g. {', '.join(known)}")
-    spec = WEIGHTS.get(weights_tag) if weights_tag else None
-    mean = tuple(mean) if mean is not None else (spec.mean if spec else IMAGENET_MEAN)
-    std = tuple(std) if std is not None else (spec.std if spec else IMAGENET_STD)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean={mean}, std={std}; give three values each, std positive")
-    return mean, std
 
 
 class ImageFolderDataModule(TaskDataModule):
@@ -174,9 +155,11 @@ class ImageFolderDataModule(TaskDataModule):
         resize_size: shorter side of validation images before the centre crop (256 for 224).
         scale, ratio: RandomResizedCrop's area fraction and aspect-ratio ranges.
         hflip: probability of a horizontal flip in training.
-        weights_tag: take mean and std from this `backbones.WEIGHTS` tag.
-        mean, std: explicit normalization (default: the tag's, else ImageNet's).
+
+    Images come as floats in [0, 1]; the task normalizes them (its `mean` and `std`).
     """
+
+    split_path_names = ("dir",)
 
     def __init__(
         self,
@@ -193,9 +176,6 @@ class ImageFolderDataModule(TaskDataModule):
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        weights_tag: str | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
     ):
         super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
         if root is not None and (train_dir is not None or val_dir is not None):
@@ -211,7 +191,6 @@ class ImageFolderDataModule(TaskDataModule):
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
-        self.mean, self.std = _mean_std(weights_tag, mean, std)
         self._class_names: list[str] | None = None
 
     @property
@@ -227,11 +206,9 @@ class ImageFolderDataModule(TaskDataModule):
 
     def build_dataset(self, split: str) -> ImageFolder:
         if split == "train":
-            transforms = train_transforms(
-                self.crop_size, scale=self.scale, ratio=self.ratio, hflip=self.hflip, mean=self.mean, std=self.std
-            )
+            transforms = train_transforms(self.crop_size, scale=self.scale, ratio=self.ratio, hflip=self.hflip)
         else:
-            transforms = val_transforms(self.crop_size, self.resize_size, mean=self.mean, std=self.std)
+            transforms = val_transforms(self.crop_size, self.resize_size)
         return ImageFolder(self.dirs[split], self.class_names, transforms)
 
 
@@ -264,9 +241,6 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         scale: tuple[float, float] = (0.25, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        weights_tag: str | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
     ):
         self.shapes_params = dict(
             train_per_class=train_per_class, val_per_class=val_per_class, image_size=image_size, seed=seed
@@ -282,9 +256,6 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
             scale=scale,
             ratio=ratio,
             hflip=hflip,
-            weights_tag=weights_tag,
-            mean=mean,
-            std=std,
         )
         self._class_names = list(SHAPES_CLASSIFICATION_CLASSES)  # known before the files exist
 

@@ -41,7 +41,7 @@ class ClassificationTask(TrainingTask):
             lr * global_batch / 256 (None: `lr` as it is).
         milestones, milestones_unit, warmup_unit: epochs by default.
         **kwargs: the other `TrainingTask` settings (num_classes, momentum, weight_decay,
-            norm_bias_decay, schedule, gamma, warmup, warmup_factor, channels_last ...).
+            norm_bias_decay, schedule, gamma, warmup, warmup_factor, mean, std, channels_last ...).
     """
 
     progress_metric = "top1"
@@ -92,11 +92,13 @@ class ClassificationTask(TrainingTask):
         return self.ema.module if self.ema is not None else self.model
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.eval_model(images)  # (N, num_classes) logits
+        """(N, num_classes) logits of float images in [0, 1] (N, 3, H, W)."""
+        return self.eval_model(self.normalize(images))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self.model(images), labels, label_smoothing=self.hparams.label_smoothing)
+        logits = self.model(self.normalize(images))
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         check_finite_losses({"loss": loss}, self.global_step)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(images))
         return loss
@@ -116,12 +118,12 @@ class ClassificationTask(TrainingTask):
 
     def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, labels = batch
-        logits = self.eval_model(images)
+        logits = self(images)
         self.log_eval_loss(stage, F.cross_entropy(logits, labels), len(images))
         self.evaluator(stage).update(logits, labels)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, _ = batch
-        probabilities = self.eval_model(images).softmax(dim=1)
+        probabilities = self(images).softmax(dim=1)
         scores, labels = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
         return {"labels": labels, "scores": scores}  # (N, k) each, best first; names in hparams.class_names

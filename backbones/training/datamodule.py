@@ -21,7 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from .distributed import eval_sampler
 from .samplers import ResumableTrainData, SeededSamples
 
-__all__ = ["TaskDataModule"]
+__all__ = ["BACKGROUND", "TaskDataModule"]
+
+#: the name of label 0 in detection and segmentation data (torchvision's convention), saved in checkpoints
+BACKGROUND = "__background__"
 
 
 class TaskDataModule(ResumableTrainData, L.LightningDataModule):
@@ -59,11 +62,13 @@ class TaskDataModule(ResumableTrainData, L.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """A name per label; index 0 is "__background__" for detection and segmentation data."""
+        """A name per label, saved with the task's checkpoint; label 0 is `BACKGROUND` in detection and segmentation."""
         raise NotImplementedError
 
     #: the paths of each split ("train", "val", "test"), e.g. (images, annotations); None where not given
     split_paths: dict[str, tuple[str | None, ...]]
+    #: what the paths of a split are, for errors: ("images", "annotations") names train_images, train_annotations
+    split_path_names: ClassVar[tuple[str, ...]] = ("images", "annotations")
 
     def available_splits(self) -> list[str]:
         """The splits ("train", "val", "test") whose data is given: all of their `split_paths`."""
@@ -99,9 +104,11 @@ class TaskDataModule(ResumableTrainData, L.LightningDataModule):
         if split not in self.datasets:
             available = self.available_splits()
             if split not in available:
+                paths = zip(self.split_path_names, getattr(self, "split_paths", {}).get(split, ()))
+                given = ", ".join(f"{split}_{name}={path!r}" for name, path in paths)
                 raise ValueError(
-                    f"no {split} data given to {type(self).__name__}; set its {split} paths "
-                    f"(given: {', '.join(available) or 'none'})"
+                    f"no {split} data given to {type(self).__name__} ({given}); set them "
+                    f"(splits given: {', '.join(available) or 'none'})"
                 )
             self.datasets[split] = self.build_dataset(split)
         return self.datasets[split]

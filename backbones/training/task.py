@@ -7,6 +7,8 @@ A task subclass gives the model (`build_model`), the training loss (`training_st
   by the global batch (`lr` for a batch of `lr_reference_batch_size`), and one schedule (linear warmup,
   then step, cosine, poly or constant) whose warmup and milestones are given in steps or epochs;
 - `num_classes` taken from the data module when not given, checked against it when given;
+- input normalization: every data module gives float images in [0, 1]; the task's `mean` and `std`
+  normalize them (`normalize`; the detector passes them to torchvision's transform, which does it);
 - the evaluator of each split is built once and `reset()` at the start of every epoch, updated by
   every batch and `compute()`d at the end (the protocol of detectron2's `DatasetEvaluator`).
 """
@@ -22,6 +24,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
+
+from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
 
 from .distributed import prepare_task_model
 from .optim import batch_scaled_lr, param_groups
@@ -94,6 +98,8 @@ class TrainingTask(L.LightningModule):
             ((1 - t)^power) or "constant".
         milestones, milestones_unit: when "step" decays, in epochs or optimizer steps.
         warmup, warmup_unit: linear warmup from `warmup_factor * lr` over this many steps or epochs.
+        mean, std: input normalization of the [0, 1] images: the statistics of the weights the model starts
+            from (`backbones.WEIGHTS[tag].mean`), ImageNet's by default.
         channels_last: run the convolutions in channels-last memory (faster with bf16/fp16 on GPUs).
     """
 
@@ -120,9 +126,13 @@ class TrainingTask(L.LightningModule):
         warmup: float = 0,
         warmup_unit: Literal["step", "epoch"] = "step",
         warmup_factor: float = 0.001,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean={list(mean)}, std={list(std)}; give three values each, std positive")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if schedule == "step" and not milestones:
@@ -133,6 +143,8 @@ class TrainingTask(L.LightningModule):
         if warmup < 0:
             raise ValueError(f"warmup={warmup}; give a number of steps or epochs >= 0")
         self.save_hyperparameters()  # also the subclass's arguments (Lightning collects every __init__ frame)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.model: nn.Module | None = None
         self._evaluators: dict[tuple[str, Any], Evaluator] = {}
         # Weighted means summed over ranks: Lightning's own synced mean (self.log(sync_dist=True)) floors the
@@ -160,7 +172,11 @@ class TrainingTask(L.LightningModule):
     def report_evaluation(self, stage: str, metrics: Mapping[str, float]) -> None:
         """Called on every rank after the metrics of an epoch are logged (e.g. to print a table)."""
 
-    # ------------------------------------------------------------ classes and model
+    # ------------------------------------------------------------ classes, model and input
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """(images - mean) / std of float images in [0, 1] (N, 3, H, W)."""
+        return (images - self.mean) / self.std
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -105,6 +105,19 @@ def test_epoch_units_follow_the_loaded_training_data(tmp_path):
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].warmup_steps == 6  # 1.5 epochs of 4 steps
 
 
+def test_one_normalization_setting_in_every_task():
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
+    images = torch.rand(2, 3, 8, 8)
+    expected = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    tasks = {name: make(num_classes=4, mean=mean, std=std) for name, make in TASKS.items()}
+    for task in tasks.values():
+        assert torch.equal(task.normalize(images), expected)
+    detector = tasks["detection"].model  # torchvision's transform normalizes inside the detector, with these
+    assert detector.transform.image_mean == list(mean) and detector.transform.image_std == list(std)
+    with pytest.raises(ValueError, match="set the task's mean and std"):
+        DetectionTask(num_classes=4, model_options={"image_mean": [0.5, 0.5, 0.5]})
+
+
 # ---------------------------------------------------------------- the detection data must fit the model
 
 
