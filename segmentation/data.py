@@ -62,8 +62,8 @@ class SegmentationDataModule(TaskDataModule):
         val_batch_size: images per validation and test batch (padded to the largest).
     """
 
-    # Full training batches only: a batch of one breaks BN after ASPP's image pooling (1x1 features).
     collate_fn = staticmethod(collate)
+    drop_last_train = True  # a batch of one breaks BN after ASPP's image pooling (1x1 features)
 
     def __init__(
         self,

@@ -113,3 +113,30 @@ def test_non_finite_loss_stops_with_the_terms(monkeypatch):
     losses = {"loss_classifier": torch.tensor(0.5), "loss_box_reg": torch.tensor(float("nan"))}
     with pytest.raises(FloatingPointError, match=r"step 7.*loss_box_reg=nan"):
         check_finite_losses(losses, 7)
+
+
+def test_evaluator_is_built_once_and_scores_only_the_images_seen(tiny_shapes, tmp_path, monkeypatch):
+    import lightning as L
+
+    import detection.evaluation
+    from detection.data import ShapesDataModule
+    from detection.task import DetectionTask
+
+    reads = []  # ground-truth files read (evaluate_results passes the loaded COCO object on, which reads nothing)
+    load_ground_truth = detection.evaluation.load_ground_truth
+
+    def counting(annotations, *args, **kwargs):
+        if isinstance(annotations, (str, Path)):
+            reads.append(annotations)
+        return load_ground_truth(annotations, *args, **kwargs)
+
+    monkeypatch.setattr(detection.evaluation, "load_ground_truth", counting)
+    data = ShapesDataModule(root=str(tiny_shapes.root), num_train=4, num_val=3, image_size=64, seed=1, batch_size=2,
+                            num_workers=0, val_batch_size=1)  # fmt: skip
+    task = DetectionTask(model="faster_rcnn_r18_fpn", model_options={**TINY_MODEL, "norm": "bn"}, warmup=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=1, limit_val_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="scoring 2 of the 3 ground-truth images"):  # limit_val_batches=2
+        trainer.fit(task, datamodule=data)
+    assert len(reads) == 1  # two validations, one evaluator: the ground truth was read once
+    assert "val_bbox_AP" in trainer.callback_metrics
