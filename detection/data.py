@@ -7,14 +7,9 @@ The annotation reader, the dataset and the collate function they use are in ``de
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import lightning as L
-from torch.utils.data import DataLoader, Dataset
-
-from backbones.training.distributed import eval_sampler
 from backbones.data.images import ImageFileError, read_rgb_image
-from backbones.training.samplers import GroupedBatchSampler, ResumableTrainData, SeededSamples
+from backbones.training.datamodule import BACKGROUND, TaskDataModule
+from backbones.training.samplers import GroupedBatchSampler
 from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 from detection.coco import (
     MAX_NAMES_IN_ERROR,
@@ -43,7 +38,7 @@ __all__ = [
 ]
 
 
-class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
+class CocoDetectionDataModule(TaskDataModule):
     """COCO-format detection data for training, validation and testing.
 
     Training batches are grouped by aspect ratio and augmented with
@@ -59,9 +54,13 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
         num_workers: data loading processes.
         train_sizes: candidate shorter-side lengths for multi-scale training.
         max_size: the longest the longer side may become in training.
-        with_masks: also load instance masks (for Mask R-CNN).
+        with_masks: also load instance masks; Mask R-CNN needs them, Faster R-CNN does not use them
+            (the task checks that it matches the model).
         val_batch_size: images per validation and test batch.
     """
+
+    collate_fn = staticmethod(collate)
+    drop_last_train = False  # detection has no batch norm that trains on one image
 
     def __init__(
         self,
@@ -79,19 +78,15 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
         with_masks: bool = False,
         val_batch_size: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
         self.split_paths = {
             "train": (train_images, train_annotations),
             "val": (val_images, val_annotations),
             "test": (test_images, test_annotations),
         }
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.train_sizes = tuple(train_sizes)
         self.max_size = max_size
         self.with_masks = with_masks
-        self.val_batch_size = val_batch_size
-        self.datasets: dict[str, CocoDetection] = {}
         self._category_list: list[dict] | None = None
 
     @property
@@ -105,9 +100,9 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
         return contiguous_labels(self._categories())
 
     @property
-    def category_names(self) -> list[str]:
-        """Category name per label; index 0 is ``"__background__"``."""
-        return ["__background__", *(c["name"] for c in self._categories())]
+    def class_names(self) -> list[str]:
+        """Category name per label; label 0 is ``BACKGROUND`` ("__background__")."""
+        return [BACKGROUND, *(c["name"] for c in self._categories())]
 
     @property
     def val_annotations(self) -> str | None:
@@ -119,33 +114,8 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
         """The test COCO JSON, for the evaluator."""
         return self.split_paths["test"][1]
 
-    def setup(self, stage: str | None = None) -> None:
-        for split in self._splits_for(stage):
-            self._dataset(split)
-
-    def train_dataloader(self) -> DataLoader:
-        # Shuffle, batches and augmentations follow from (seed, epoch, index): a resumed run sees the
-        # same batches as an uninterrupted one (see backbones.training.samplers).
-        dataset = self._dataset("train")
-        options = self.train_loader_kwargs(dataset, self.batch_size, group_ids=dataset.aspect_ratio_group_ids())
-        return self._loader(SeededSamples(dataset), **options)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._dataset("val"))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._dataset("test"))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self._dataset(self._predict_split()))
-
-    def _predict_split(self) -> str:
-        """`predict` runs on the test split when it is given, else on the validation split."""
-        return "test" if all(self.split_paths["test"]) else "val"
-
-    def _eval_loader(self, dataset: CocoDetection) -> DataLoader:
-        # Each image on exactly one rank, no padding copies (see backbones.training.distributed).
-        return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
+    def train_group_ids(self, dataset: CocoDetection) -> list[int]:
+        return dataset.aspect_ratio_group_ids()
 
     def _categories(self) -> list[dict]:
         if self._category_list is None:
@@ -157,15 +127,7 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
             self._category_list = sorted(load_coco(path).dataset["categories"], key=lambda c: c["id"])
         return self._category_list
 
-    def _splits_for(self, stage: str | None) -> list[str]:
-        given = [split for split, paths in self.split_paths.items() if all(paths)]
-        if stage == "fit":  # validation is optional when fitting
-            return ["train", *(["val"] if "val" in given else [])]
-        if stage in ("validate", "test", "predict"):
-            return [{"validate": "val", "test": "test", "predict": self._predict_split()}[stage]]
-        return given if stage is None else []
-
-    def _build_dataset(self, split: str) -> CocoDetection:
+    def build_dataset(self, split: str) -> CocoDetection:
         images, annotations = self.split_paths[split]
         if images is None or annotations is None:
             raise ValueError(
@@ -182,20 +144,6 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
                 f"{self.label_to_category_id} of the other splits"
             )
         return dataset
-
-    def _dataset(self, split: str) -> CocoDetection:
-        if split not in self.datasets:
-            self.datasets[split] = self._build_dataset(split)
-        return self.datasets[split]
-
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
 
 
 class ShapesDataModule(CocoDetectionDataModule):

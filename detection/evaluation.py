@@ -121,9 +121,15 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def evaluate_results(
-    coco_gt: Any, results: list[dict], iou_type: str, backend: str = "auto", *, verbose: bool = True
+    coco_gt: Any,
+    results: list[dict],
+    iou_type: str,
+    backend: str = "auto",
+    *,
+    verbose: bool = True,
+    image_ids: Sequence[int] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Score COCO results against the ground truth on every image of ``coco_gt``.
+    """Score COCO results against the ground truth on every image of ``coco_gt`` (or on ``image_ids``).
 
     Args:
         coco_gt: Ground truth, a pycocotools or faster_coco_eval ``COCO`` (converted if it is the other one).
@@ -131,6 +137,7 @@ def evaluate_results(
         iou_type: ``"bbox"`` or ``"segm"``.
         backend: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"``.
         verbose: Print COCOeval's 12-line summary and the per-category AP table.
+        image_ids: Score these images only (COCOeval's ``params.imgIds``); None: every image.
 
     Returns:
         ``{f"{iou_type}_{name}": value}`` for the 12 names of :data:`STAT_NAMES` (COCOeval's -1, "no ground truth
@@ -144,17 +151,20 @@ def evaluate_results(
         warnings.warn(f"no detections to evaluate: every {iou_type} metric is 0.0", stacklevel=2)
         categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
         return {f"{iou_type}_{name}": 0.0 for name in STAT_NAMES}, dict.fromkeys(_category_names(categories), 0.0)
-    coco_eval, summary = _run_cocoeval(coco_gt, results, iou_type, backend)
+    coco_eval, summary = _run_cocoeval(coco_gt, results, iou_type, backend, image_ids)
     stats = {f"{iou_type}_{name}": _nan_if_missing(s) for name, s in zip(STAT_NAMES, coco_eval.stats[:12])}
     per_category = _per_category_ap(coco_eval, coco_gt)
     if verbose:
         table = format_per_category_table(per_category, iou_type)
-        print(f"COCO {iou_type} evaluation ({backend}, {len(results)} detections):\n{summary}\n{table}")
+        images = f", {len(image_ids)} of {len(coco_gt.getImgIds())} images" if image_ids is not None else ""
+        print(f"COCO {iou_type} evaluation ({backend}, {len(results)} detections{images}):\n{summary}\n{table}")
     return stats, per_category
 
 
-def _run_cocoeval(coco_gt: Any, results: list[dict], iou_type: str, backend: str) -> tuple[Any, str]:
-    """Run evaluate, accumulate and summarize; return the COCOeval object and the summary text."""
+def _run_cocoeval(
+    coco_gt: Any, results: list[dict], iou_type: str, backend: str, image_ids: Sequence[int] | None = None
+) -> tuple[Any, str]:
+    """Run evaluate, accumulate and summarize (on ``image_ids`` only if given); return COCOeval and the summary."""
     # Fresh dicts because loadRes writes into them. Masks are scored without their box: otherwise COCOeval takes
     # the box area as the instance area, and the small/medium/large split differs from the mask's (detectron2).
     fields = ("image_id", "category_id", "score", _RESULT_FIELD[iou_type])
@@ -164,6 +174,8 @@ def _run_cocoeval(coco_gt: Any, results: list[dict], iou_type: str, backend: str
 
         lines = []
         coco_eval = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iou_type, print_function=lines.append)
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
         lines.clear()  # keep the summary only
@@ -171,6 +183,8 @@ def _run_cocoeval(coco_gt: Any, results: list[dict], iou_type: str, backend: str
         return coco_eval, "\n".join(lines[:12])  # pycocotools' 12 lines; it adds AR@0.5 and AR@0.75
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on every step
         coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
     with contextlib.redirect_stdout(io.StringIO()) as summary:
@@ -234,8 +248,10 @@ class COCOEvaluator:
         backend: ``"pycocotools"``, ``"faster_coco_eval"`` or ``"auto"`` (faster_coco_eval when importable).
         mask_threshold: Probability above which a predicted mask pixel is foreground.
 
-    Every image of the annotation file is evaluated: an image that got no update counts as one without
-    detections (its objects are missed), and ``compute()`` warns how many there were.
+    The images that got an update are scored (an update with no detection counts: its objects are missed).
+    Images of the annotation file that got none (``limit_val_batches``, a partial run) are left out of the
+    metrics, not counted as missed; ``compute()`` warns how many were scored and the printed summary says so.
+    The ground truth is read once: ``reset()`` between epochs, not a new evaluator.
 
     Example:
         >>> evaluator = COCOEvaluator(annotations="val.json", label_to_category_id={1: 1, 2: 3, 3: 7})
@@ -314,13 +330,15 @@ class COCOEvaluator:
             falls in that size range. No stage prefix: the Lightning task adds it.
         """
         results_by_image = _first_copy_per_image(_gather_from_ranks(self._results_by_image))
-        self._warn_unseen_images(results_by_image.keys())
+        image_ids = self._scored_images(results_by_image.keys())
         # In image-id order: score ties then break the same way whichever rank saw which image.
         results = [result for image_id in sorted(results_by_image) for result in results_by_image[image_id]]
         verbose = _rank() == 0  # one printed summary, not one per process
         metrics = {}
         for iou_type in self.iou_types:
-            stats, per_category = evaluate_results(self.coco_gt, results, iou_type, self.backend, verbose=verbose)
+            stats, per_category = evaluate_results(
+                self.coco_gt, results, iou_type, self.backend, verbose=verbose, image_ids=image_ids
+            )
             metrics.update(stats)
             self._per_category[iou_type] = per_category
         return metrics
@@ -331,14 +349,18 @@ class COCOEvaluator:
             raise ValueError(f"iou_type={iou_type!r} has no result; computed: {sorted(self._per_category)}")
         return dict(self._per_category[iou_type])
 
-    def _warn_unseen_images(self, seen_image_ids: Iterable[int]) -> None:
-        unseen = set(self.coco_gt.getImgIds()) - set(seen_image_ids)
-        if unseen:
+    def _scored_images(self, seen_image_ids: Iterable[int]) -> list[int] | None:
+        """The images to score: those seen, or None when that is every image of the annotations."""
+        seen, total = sorted(seen_image_ids), len(self.coco_gt.getImgIds())
+        if len(seen) == total:
+            return None
+        if _rank() == 0:
             warnings.warn(
-                f"{len(unseen)} of {len(self.coco_gt.getImgIds())} ground-truth images got no update; "
-                "they are evaluated as images without detections",
+                f"scoring {len(seen)} of the {total} ground-truth images: the others got no update (e.g. "
+                "limit_val_batches) and are left out, so the metrics are of a subset",
                 stacklevel=3,
             )
+        return seen
 
 
 def _image_id(item: Any) -> int:

@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from backbones.training.distributed import eval_sampler
-from backbones.training.samplers import ResumableTrainData, SeededSamples
 from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
+
+from backbones.training.datamodule import BACKGROUND, TaskDataModule
 
 from .datasets import (
     IGNORE_INDEX,
@@ -48,10 +47,10 @@ __all__ = [
 ]
 
 
-class SegmentationDataModule(ResumableTrainData, L.LightningDataModule):
-    """What every segmentation data module shares: the transforms and the loaders.
+class SegmentationDataModule(TaskDataModule):
+    """What every segmentation data module shares: the transforms and the collate function.
 
-    Subclasses give ``num_classes``, ``class_names`` and ``_build_dataset(split, transforms)``.
+    Subclasses give ``split_paths``, ``num_classes``, ``class_names`` and ``_build_dataset(split, transforms)``.
 
     Args:
         batch_size: training images per batch (per device).
@@ -63,7 +62,8 @@ class SegmentationDataModule(ResumableTrainData, L.LightningDataModule):
         val_batch_size: images per validation and test batch (padded to the largest).
     """
 
-    splits: tuple[str, ...] = ("train", "val", "test")
+    collate_fn = staticmethod(collate)
+    drop_last_train = True  # a batch of one breaks BN after ASPP's image pooling (1x1 features)
 
     def __init__(
         self,
@@ -76,85 +76,21 @@ class SegmentationDataModule(ResumableTrainData, L.LightningDataModule):
         val_size: int | None = None,
         val_batch_size: int = 1,
     ):
-        super().__init__()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
         self.crop_size = crop_size
         self.scale_range = tuple(scale_range)
         self.base_size = base_size
         self.val_size = val_size
-        self.val_batch_size = val_batch_size
-        self.datasets: dict[str, Dataset] = {}
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes, background included."""
-        raise NotImplementedError
-
-    @property
-    def class_names(self) -> list[str]:
-        raise NotImplementedError
-
-    def available_splits(self) -> list[str]:
-        raise NotImplementedError
 
     def _build_dataset(self, split: str, transforms: Callable) -> Dataset:
         raise NotImplementedError
 
-    def setup(self, stage: str | None = None) -> None:
-        available = self.available_splits()
-        splits = {
-            "fit": ["train", *(["val"] if "val" in available else [])],  # validation is optional
-            "validate": ["val"],
-            "test": ["test"],
-            "predict": [self._predict_split()],
-        }.get(stage or "", available)
-        for split in splits:
-            self.dataset(split)
-
-    def dataset(self, split: str) -> Dataset:
-        if split not in self.datasets:
-            if split not in self.available_splits():
-                raise ValueError(f"no {split} data given; set its paths (available: {self.available_splits()})")
-            if split == "train":
-                transforms = train_transforms(self.crop_size, scale_range=self.scale_range, base_size=self.base_size)
-            else:
-                transforms = val_transforms(self.val_size)
-            self.datasets[split] = self._build_dataset(split, transforms)
-        return self.datasets[split]
-
-    def train_dataloader(self) -> DataLoader:
-        # Shuffle and augmentations follow from (seed, epoch, index): a run resumed mid-epoch sees the same
-        # batches as an uninterrupted one (backbones.training.samplers). Full batches only: a batch of one breaks
-        # BN after ASPP's image pooling (1x1 features).
-        dataset = self.dataset("train")
-        options = self.train_loader_kwargs(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size)
-        return self._loader(SeededSamples(dataset), **options)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.dataset("val"))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.dataset("test"))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.dataset(self._predict_split()))
-
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        # Each image on exactly one rank, no padding copies: the confusion matrix is summed over ranks.
-        return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
-
-    def _predict_split(self) -> str:
-        return "test" if "test" in self.available_splits() else "val"
-
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+    def build_dataset(self, split: str) -> Dataset:
+        if split == "train":
+            transforms = train_transforms(self.crop_size, scale_range=self.scale_range, base_size=self.base_size)
+        else:
+            transforms = val_transforms(self.val_size)
+        return self._build_dataset(split, transforms)
 
 
 class CocoSegmentationDataModule(SegmentationDataModule):
@@ -191,9 +127,6 @@ class CocoSegmentationDataModule(SegmentationDataModule):
         self.skip_empty_train = skip_empty_train
         self._class_names: list[str] | None = None
 
-    def available_splits(self) -> list[str]:
-        return [split for split, paths in self.split_paths.items() if all(paths)]
-
     @property
     def class_names(self) -> list[str]:
         """``"__background__"`` then the chosen categories' names, read from an annotation file."""
@@ -203,7 +136,7 @@ class CocoSegmentationDataModule(SegmentationDataModule):
                 raise ValueError("no annotation file given; set train_, val_ or test_annotations with its images")
             coco = load_coco(given[0])  # the smallest file usually; every split must have the same classes
             ids = check_category_ids(self.category_ids, coco, Path(given[0]))
-            self._class_names = ["__background__", *(coco.cats[c]["name"] for c in ids)]
+            self._class_names = [BACKGROUND, *(coco.cats[c]["name"] for c in ids)]
         return self._class_names
 
     @property
@@ -231,6 +164,8 @@ class FolderSegmentationDataModule(SegmentationDataModule):
         image_suffix, mask_suffix: see `FolderSegmentation`.
         **kwargs: loader and transform settings of `SegmentationDataModule`.
     """
+
+    split_path_names = ("images", "masks")
 
     def __init__(
         self,
@@ -269,9 +204,6 @@ class FolderSegmentationDataModule(SegmentationDataModule):
     def class_names(self) -> list[str]:
         return self._class_names
 
-    def available_splits(self) -> list[str]:
-        return [split for split, paths in self.split_paths.items() if all(paths)]
-
     def _build_dataset(self, split: str, transforms: Callable) -> Dataset:
         images, masks = self.split_paths[split]
         return FolderSegmentation(
@@ -307,7 +239,7 @@ class ShapesSegmentationDataModule(FolderSegmentationDataModule):
         self.shapes_params = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
         self.root = Path(root) if root is not None else shapes_root(**self.shapes_params)
         paths = ShapesPaths.at(self.root)
-        names = ["background", *(c["name"] for c in shapes_categories())]
+        names = [BACKGROUND, *(c["name"] for c in shapes_categories())]
         super().__init__(
             num_classes=len(names), class_names=names,
             train_images=str(paths.train_images), train_masks=str(paths.train_masks),

@@ -117,13 +117,13 @@ class SegmentationEvaluator:
 
 
 def format_per_class_table(per_class: dict[str, dict[str, float]], title: str = "per-class IoU") -> str:
-    """A text table of ``SegmentationEvaluator.per_class()``; nan (absent class) is shown as "-"."""
+    """A text table of ``SegmentationEvaluator.per_class()`` in fractions (as logged); nan (absent class) is "-"."""
 
     def cell(value: float) -> str:
-        return "-" if math.isnan(value) else f"{100 * value:6.2f}"
+        return "-" if math.isnan(value) else f"{value:6.4f}"
 
     width = max(len("class"), *(len(name) for name in per_class))
-    lines = [title, f"{'class':<{width}}    IoU    acc  gt_px%"]
+    lines = [title, f"{'class':<{width}}    IoU    acc gt_share"]
     for name, values in per_class.items():
-        lines.append(f"{name:<{width}} {cell(values['IoU']):>6} {cell(values['acc']):>6} {cell(values['gt_share']):>6}")
+        lines.append(f"{name:<{width}} {cell(values['IoU']):>6} {cell(values['acc']):>6} {cell(values['gt_share']):>8}")
     return "\n".join(lines)

@@ -31,7 +31,7 @@ def detection(data: Path):
     from detection.task import DetectionTask
 
     datamodule = ShapesDataModule(root=str(data / "shapes"), batch_size=1, num_workers=0, **SHAPES)
-    task = DetectionTask(model="faster_rcnn_r18_fpn", model_options=TINY_DETECTOR, lr=0.01, warmup_steps=0)
+    task = DetectionTask(model="faster_rcnn_r18_fpn", model_options=TINY_DETECTOR, lr=0.01, warmup=0)
     return DetectionTask, task, datamodule
 
 

@@ -84,7 +84,7 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
     detector = DetectionTask(
         model="faster_rcnn_r18_fpn", num_classes=4, model_options={"min_size": 48, "max_size": 48},
-        category_names=CATEGORY_NAMES, label_to_category_id={1: 1, 2: 3, 3: 7},
+        class_names=CATEGORY_NAMES, label_to_category_id={1: 1, 2: 3, 3: 7},
     )  # fmt: skip
     names = ["background", *CATEGORY_NAMES[1:]]
     segmenter = SegmentationTask(model="deeplabv3plus_r18", num_classes=4, class_names=names)
@@ -383,8 +383,11 @@ def test_infer_det_bad_checkpoints_exit_2(checkpoints, evil, shapes, tmp_path, c
     cases = {
         evil: f"refused to load '{evil}'",
         _truncated(checkpoints["detection"], tmp_path / "cut.ckpt"): "the file is truncated or corrupt",
-        checkpoints["segmentation"]: "as a DetectionTask checkpoint: ValueError: name='deeplabv3plus_r18'",
-        checkpoints["classification"]: "as a DetectionTask checkpoint: ValueError: name='resnet18'",
+        # another task's settings: the first one a detector does not take is named
+        checkpoints["segmentation"]: "as a DetectionTask checkpoint: TypeError: TrainingTask.__init__() got an "
+        "unexpected keyword argument 'backbone'",
+        checkpoints["classification"]: "as a DetectionTask checkpoint: TypeError: TrainingTask.__init__() got an "
+        "unexpected keyword argument 'zero_init_last'",
         str(tmp_path / "nowhere.ckpt"): f"checkpoint '{tmp_path / 'nowhere.ckpt'}' does not exist",
     }
     for checkpoint, message in cases.items():
@@ -417,7 +420,8 @@ def test_infer_seg_bad_input_exits_2(checkpoints, evil, shapes, tmp_path, capsys
     cases = [
         ([evil, str(images)], f"refused to load '{evil}'"),
         ([_truncated(checkpoints["segmentation"], tmp_path / "cut.ckpt"), str(images)], "truncated or corrupt"),
-        ([checkpoints["detection"], str(images)], "as a SegmentationTask checkpoint: ValueError: name='faster_rcnn"),
+        ([checkpoints["detection"], str(images)], "as a SegmentationTask checkpoint: TypeError: TrainingTask.__init__() "
+         "got an unexpected keyword argument 'eval_backend'"),
         ([checkpoints["segmentation"], str(images), "--size", "0"], "--size=0; give a positive shorter side"),
     ]
     for args, message in cases:

@@ -4,7 +4,7 @@ Two DDP processes (gloo on the CPU, launched the way `--trainer.devices 2 --trai
 launches them) train each task a few steps and validate a saved checkpoint on 7 images; one process
 validating the same checkpoint must give the same metrics, every image counted once. Then: the
 Trainer's `sync_batchnorm` keeps frozen norms frozen, the learning rate scales with the global batch,
-channels-last reaches the convolutions, and tools/gpu_check.sh parses.
+channels-last reaches the convolutions, and the commands of tools/gpu_check.sh parse with the tools.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from backbones.classification import ClassificationTask, generate_shapes_classification
 from backbones.data.shapes import generate_shapes
 from tests import distributed_worker as worker
+from tests.tools.loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_IMAGES = worker.SHAPES["num_val"]
@@ -111,7 +112,7 @@ def _fit_setup(name: str, tiny_data: Path):
     task_class, task, datamodule = worker.TASKS[name](tiny_data)
     options = dict(task.hparams, channels_last=True)
     if name == "classification":
-        options.update(lr=None, lr_per_256=0.1)  # its scaled setting: the rate per 256 images
+        options.update(lr=0.1, lr_reference_batch_size=256)  # its default: the rate per 256 images
         expected = 0.1 * 2 * 2 / 256  # batch 2 per device x 1 device x 2 accumulated
     else:
         options.update(lr=0.01, lr_reference_batch_size=16)
@@ -146,6 +147,36 @@ def test_lr_scales_with_the_global_batch_and_channels_last_reaches_the_convoluti
     assert outputs and all(outputs)
 
 
-def test_gpu_check_script_parses():
+RECORDER = """#!{python}
+# Stands in for python in tools/gpu_check.sh: records each tool command; a fit leaves an empty last.ckpt
+import json, pathlib, sys
+args = sys.argv[1:]
+if args[0] != "-c":  # not the preflight check
+    with open({log!r}, "a") as log:
+        log.write(json.dumps(args) + "\\n")
+    if args[1] == "fit":
+        folder = pathlib.Path(args[args.index("--trainer.default_root_dir") + 1]) / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "last.ckpt").touch()
+"""
+
+
+def test_gpu_check_commands_parse_with_the_tools(tmp_path):
+    # The script runs only on a GPU machine: here each command it would run is recorded and parsed by its
+    # tool's CLI, so a renamed option or a missing config fails here, not on the GPU.
+    log = tmp_path / "commands.jsonl"
+    recorder = tmp_path / "python"
+    recorder.write_text(RECORDER.format(python=sys.executable, log=str(log)))
+    recorder.chmod(0o755)
     script = ROOT / "tools" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, check=False).returncode == 0
+    env = {**os.environ, "PYTHON": str(recorder), "ACCELERATOR": "cpu"}
+    subprocess.run(["bash", str(script), str(tmp_path / "work")], env=env, capture_output=True, check=False)
+    commands = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(Path(c[0]).name, c[1]) for c in commands] == [
+        (f"train_{task}.py", step) for task in ("det", "seg", "cls") for step in ("fit", "validate")
+    ]
+    for tool, subcommand, *args in commands:
+        if "--ckpt_path" in args:  # the recorded checkpoint is empty; parsing the rest is the check
+            del args[args.index("--ckpt_path") : args.index("--ckpt_path") + 2]
+        cli = load_tool(Path(tool).stem).main(args, run=False)
+        assert cli.model.hparams.channels_last and cli.trainer.precision == "bf16-mixed", (tool, subcommand)

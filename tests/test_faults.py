@@ -107,7 +107,7 @@ def fit_args(shapes, run_dir: Path, *, every_n_train_steps: int, max_epochs: int
         f"--model.model_options={TINY_DETECTOR}".replace("'", '"'),
         "--model.lr=0.01",
         "--model.schedule=cosine",
-        "--model.warmup_steps=2",
+        "--model.warmup=2",
         "--data=detection.data.ShapesDataModule",
         f"--data.root={shapes.root}",
         "--data.num_train=8",

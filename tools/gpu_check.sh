@@ -71,11 +71,11 @@ fit_and_validate() {
 
 fit_and_validate detection train_det.py configs/detection/faster_rcnn_r18_fpn_shapes.yaml val_bbox_AP \
     --data.root "$WORK/shapes" --data.num_train 32 --data.num_val 8 --data.batch_size 8 --data.num_workers 2 \
-    --model.warmup_steps 2
+    --model.warmup 2
 
 fit_and_validate segmentation train_seg.py configs/segmentation/deeplabv3plus_r18_os16_shapes.yaml val_mIoU \
     --data.root "$WORK/shapes_seg" --data.num_train 32 --data.num_val 8 --data.val_batch_size 4 \
-    --data.batch_size 8 --data.num_workers 2 --model.warmup_steps 2
+    --data.batch_size 8 --data.num_workers 2 --model.warmup 2
 
 fit_and_validate classification train_cls.py configs/classification/resnet18_shapes.yaml val_top1 \
     --data.root "$WORK/shapes_cls" --data.train_per_class 16 --data.val_per_class 4 --data.batch_size 16

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     model = prepare_for_inference(
         task.model.to(args.device), fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
     )
-    names = task.hparams.category_names or []
+    names = task.hparams.class_names or []
     output = Path(args.output)
     predictions = []
     with torch.inference_mode():

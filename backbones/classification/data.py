@@ -12,16 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from backbones.training.distributed import eval_sampler
-from backbones.training.samplers import ResumableTrainData, SeededSamples
 from backbones.data.images import ImageFileError, read_rgb_image
-from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
+from backbones.training.datamodule import TaskDataModule
 
 from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
 
@@ -115,50 +112,32 @@ def train_transforms(
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """RandomResizedCrop and horizontal flip; uint8 (3, H, W) in, normalized float (3, crop, crop) out."""
+    """RandomResizedCrop and horizontal flip; uint8 (3, H, W) in, float (3, crop, crop) in [0, 1] out.
+
+    The task normalizes (`TrainingTask.normalize`), as for detection and segmentation.
+    """
     return v2.Compose(
         [
             v2.RandomResizedCrop(crop_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
             v2.RandomHorizontalFlip(hflip),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
         ]
     )
 
 
-def val_transforms(
-    crop_size: int, resize_size: int, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> v2.Compose:
-    """Shorter side to ``resize_size``, then the central ``crop_size`` square; normalized float out."""
+def val_transforms(crop_size: int, resize_size: int) -> v2.Compose:
+    """Shorter side to ``resize_size``, then the central ``crop_size`` square; float in [0, 1] out."""
     return v2.Compose(
         [
             v2.Resize(resize_size, antialias=True),
             v2.CenterCrop(crop_size),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
         ]
     )
 
 
-def _mean_std(
-    weights_tag: str | None, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if weights_tag is not None and weights_tag not in WEIGHTS:
-        arch = weights_tag.split(".", 1)[0]
-        known = sorted(t for t in WEIGHTS if t.startswith(arch + ".")) or sorted(WEIGHTS)[:MAX_NAMES_IN_ERROR]
-        raise ValueError(f"weights_tag={weights_tag!r} is not in backbones.WEIGHTS; e.g. {', '.join(known)}")
-    spec = WEIGHTS.get(weights_tag) if weights_tag else None
-    mean = tuple(mean) if mean is not None else (spec.mean if spec else IMAGENET_MEAN)
-    std = tuple(std) if std is not None else (spec.std if spec else IMAGENET_STD)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean={mean}, std={std}; give three values each, std positive")
-    return mean, std
-
-
-class ImageFolderDataModule(ResumableTrainData, L.LightningDataModule):
+class ImageFolderDataModule(TaskDataModule):
     """ImageNet-style folders for training, validation, testing and prediction.
 
     ``num_classes`` and ``class_names`` come from the training folder's class folders (or the
@@ -176,9 +155,11 @@ class ImageFolderDataModule(ResumableTrainData, L.LightningDataModule):
         resize_size: shorter side of validation images before the centre crop (256 for 224).
         scale, ratio: RandomResizedCrop's area fraction and aspect-ratio ranges.
         hflip: probability of a horizontal flip in training.
-        weights_tag: take mean and std from this `backbones.WEIGHTS` tag.
-        mean, std: explicit normalization (default: the tag's, else ImageNet's).
+
+    Images come as floats in [0, 1]; the task normalizes them (its `mean` and `std`).
     """
+
+    split_path_names = ("dir",)
 
     def __init__(
         self,
@@ -195,11 +176,8 @@ class ImageFolderDataModule(ResumableTrainData, L.LightningDataModule):
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        weights_tag: str | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
     ):
-        super().__init__()
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
         if root is not None and (train_dir is not None or val_dir is not None):
             raise ValueError(f"root={root!r} and train_dir={train_dir!r}/val_dir={val_dir!r}; give root or the folders")
         if root is not None:
@@ -209,14 +187,10 @@ class ImageFolderDataModule(ResumableTrainData, L.LightningDataModule):
         if crop_size > resize_size:
             raise ValueError(f"crop_size={crop_size} > resize_size={resize_size}; the centre crop must fit")
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
+        self.split_paths = {split: (folder,) for split, folder in self.dirs.items()}
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
-        self.mean, self.std = _mean_std(weights_tag, mean, std)
-        self.datasets: dict[str, ImageFolder] = {}
         self._class_names: list[str] | None = None
 
     @property
@@ -230,58 +204,12 @@ class ImageFolderDataModule(ResumableTrainData, L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def setup(self, stage: str | None = None) -> None:
-        given = [split for split, folder in self.dirs.items() if folder is not None]
-        needed = {"fit": ["train"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(stage or "", given)
-        optional = ["val"] if stage == "fit" and "val" in given else []  # validation is optional when fitting
-        for split in needed + optional:
-            self.dataset(split)
-
-    def dataset(self, split: str) -> ImageFolder:
-        """The dataset of ``split`` ("train", "val" or "test"), built on first use."""
-        if split not in self.datasets:
-            if self.dirs[split] is None:
-                raise ValueError(f"no {split} folder given; set {split}_dir (or root)")
-            if split == "train":
-                transforms = train_transforms(
-                    self.crop_size, scale=self.scale, ratio=self.ratio, hflip=self.hflip, mean=self.mean, std=self.std
-                )
-            else:
-                transforms = val_transforms(self.crop_size, self.resize_size, mean=self.mean, std=self.std)
-            self.datasets[split] = ImageFolder(self.dirs[split], self.class_names, transforms)
-        return self.datasets[split]
-
-    def train_dataloader(self) -> DataLoader:
-        # Shuffle and augmentations follow from (seed, epoch, index): a run resumed mid-epoch sees the same
-        # batches as an uninterrupted one (backbones.training.samplers). Full batches only: a last batch of one image
-        # breaks batch norm.
-        dataset = self.dataset("train")
-        options = self.train_loader_kwargs(dataset, self.batch_size, drop_last=len(dataset) >= self.batch_size)
-        return self._loader(SeededSamples(dataset), **options)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.dirs["val"] is None:  # fitting without validation
-            return []
-        return self._eval_loader(self.dataset("val"))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.dataset("test"))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.dataset("test"))
-
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        # Each image on exactly one rank, no padding copies: top-k counts are summed over ranks.
-        return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
-
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            **kwargs,
-        )
+    def build_dataset(self, split: str) -> ImageFolder:
+        if split == "train":
+            transforms = train_transforms(self.crop_size, scale=self.scale, ratio=self.ratio, hflip=self.hflip)
+        else:
+            transforms = val_transforms(self.crop_size, self.resize_size)
+        return ImageFolder(self.dirs[split], self.class_names, transforms)
 
 
 class ShapesClassificationDataModule(ImageFolderDataModule):
@@ -313,9 +241,6 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         scale: tuple[float, float] = (0.25, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
-        weights_tag: str | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
     ):
         self.shapes_params = dict(
             train_per_class=train_per_class, val_per_class=val_per_class, image_size=image_size, seed=seed
@@ -331,9 +256,6 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
             scale=scale,
             ratio=ratio,
             hflip=hflip,
-            weights_tag=weights_tag,
-            mean=mean,
-            std=std,
         )
         self._class_names = list(SHAPES_CLASSIFICATION_CLASSES)  # known before the files exist
 

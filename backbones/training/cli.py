@@ -12,13 +12,24 @@ class _CLI(LightningCLI):
     """LightningCLI whose `--ckpt_path last` also finds the last checkpoint of an earlier logger version.
 
     Lightning looks for `last.ckpt` in the checkpoint folder of the run being started, which a logger
-    puts in a new `version_N` folder, so a restarted run would silently start from scratch.
+    puts in a new `version_N` folder, so a restarted run would silently start from scratch. `fit`
+    without any last checkpoint starts from scratch (the first run of a resumable job); `validate`,
+    `test` and `predict` without one are an error, as they would evaluate random weights.
     """
 
     def _resolve_last(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last" and (found := find_last_checkpoint(self.trainer)) is not None:
+        if config.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(self.trainer)
+        if found is not None:
             config["ckpt_path"] = str(found)
+        elif self.subcommand != "fit":
+            searched = ", ".join(str(folder) for folder in checkpoint_folders(self.trainer))
+            raise FileNotFoundError(
+                f"{self.subcommand} --ckpt_path last: no last*.ckpt found (searched {searched}); give the "
+                "checkpoint file, or the trainer.default_root_dir of the run that wrote it"
+            )
 
     before_fit = before_validate = before_test = before_predict = _resolve_last
 
@@ -29,21 +40,31 @@ def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
     Searched: each ModelCheckpoint's `dirpath`, `default_root_dir/checkpoints` (no logger) and
     `default_root_dir/<logger name>/version_*/checkpoints` (the default layout). None if there is none.
     """
-    root = Path(trainer.default_root_dir)
-    folders = [root / "checkpoints", *root.glob("*/version_*/checkpoints")]
-    folders += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    found = [path for folder in folders if folder.is_dir() for path in folder.glob("last*.ckpt")]
+    found = [path for folder in checkpoint_folders(trainer) if folder.is_dir() for path in folder.glob("last*.ckpt")]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def checkpoint_folders(trainer: L.Trainer) -> list[Path]:
+    """Where `find_last_checkpoint` looks (the folders under every logger version that exist now)."""
+    root = Path(trainer.default_root_dir)
+    folders = [root / "checkpoints", *sorted(root.glob("*/version_*/checkpoints"))]
+    return folders + [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
 
 
 def run_cli(
     task: type[L.LightningModule], datamodule: type[L.LightningDataModule], args: list[str] | None = None, run: bool = True
 ) -> LightningCLI:
-    """`fit/validate/test/predict` from a YAML config; the data module is chosen by `class_path`."""
+    """`fit/validate/test/predict` from a YAML config; the data module is chosen by `class_path`.
+
+    The tasks configure their own optimizer and schedule (`TrainingTask`: SGD, warmup, batch-scaled
+    lr), so LightningCLI's `--optimizer`/`--lr_scheduler` options are not offered: they would be
+    silently ignored or build an optimizer before the model exists.
+    """
     return _CLI(
         task,
         datamodule,
         subclass_mode_data=True,
+        auto_configure_optimizers=False,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["SCHEDULES", "LRSchedule", "steps_per_epoch"]
+__all__ = ["SCHEDULES", "LRSchedule"]
 
 SCHEDULES = ("step", "cosine", "poly", "constant")
 
@@ -60,6 +60,3 @@ class LRSchedule:
             return (1 - progress) ** self.power
         return 1.0
 
-
-def steps_per_epoch(total_steps: int, max_epochs: int | None) -> int:
-    return max(total_steps // max(max_epochs or 1, 1), 1)

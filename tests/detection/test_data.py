@@ -270,7 +270,7 @@ def test_datamodule_num_classes_before_setup(coco_files):
     datamodule = CocoDetectionDataModule(val_images=str(images_dir), val_annotations=str(annotations))
     assert datamodule.num_classes == 4
     assert datamodule.label_to_category_id == {1: 1, 2: 3, 3: 7}
-    assert datamodule.category_names[0] == "__background__"
+    assert datamodule.class_names[0] == "__background__"
     assert datamodule.val_annotations == str(annotations)
     assert datamodule.datasets == {}
 

@@ -157,8 +157,8 @@ def to_predictions(detections, image_ids, seed=0):
     return predictions
 
 
-def reference_stats(gt_path, detections, iou_type):
-    """COCOeval.stats and the precision array of pycocotools, run by hand, on every image."""
+def reference_stats(gt_path, detections, iou_type, image_ids=None):
+    """COCOeval.stats and the precision array of pycocotools, run by hand, on every image (or `image_ids`)."""
     keep = ("image_id", "category_id", "score") + (("bbox",) if iou_type == "bbox" else ())
     results = [{k: d[k] for k in keep} for d in detections]
     if iou_type == "segm":  # one RLE per mask, and no box: the mask area decides small/medium/large
@@ -168,6 +168,8 @@ def reference_stats(gt_path, detections, iou_type):
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(gt_path)
         coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
@@ -286,10 +288,34 @@ def test_image_with_zero_predictions_counts_as_missed(fixture):
     all_metrics, _ = evaluate(gt_path, to_predictions(detections, image_ids), image_ids)
     assert metrics["bbox_AR100"] < all_metrics["bbox_AR100"]  # its objects count as missed, not dropped
 
-    others = [i for i in image_ids if i != 12]  # never updating image 12 gives the same numbers, with a warning
-    with pytest.warns(UserWarning, match="1 of 7 ground-truth images got no update"):
-        not_updated, _ = evaluate(gt_path, to_predictions(kept, others), others)
-    assert not_updated == pytest.approx(metrics, nan_ok=True)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", pytest.param("faster_coco_eval", marks=needs_faster_coco_eval)])
+def test_images_never_seen_are_left_out_not_missed(fixture, backend, capsys):
+    # limit_val_batches: image 12 (which has objects) is never given to the evaluator; it must not count as
+    # an image whose objects were all missed, which would understate AP and AR.
+    gt_path, detections = fixture
+    image_ids = list(IMAGE_SIZES)
+    others = [i for i in image_ids if i != 12]
+    seen = [d for d in detections if d["image_id"] != 12]
+    with pytest.warns(UserWarning, match="scoring 6 of the 7 ground-truth images"):
+        partial, _ = evaluate(gt_path, to_predictions(seen, others), others, backend)
+    assert "6 of 7 images" in capsys.readouterr().out  # the printed summary says so
+    for iou_type in ("bbox", "segm"):
+        expected, _ = reference_stats(gt_path, seen, iou_type, image_ids=others)
+        np.testing.assert_allclose(stats_of(partial, iou_type), expected, rtol=0, atol=1e-12)
+    missed, _ = reference_stats(gt_path, seen, "bbox")  # what counting image 12 as missed would give
+    assert partial["bbox_AR100"] > missed[8]
+
+
+def test_reset_reuses_the_ground_truth_with_the_same_results(fixture):
+    gt_path, detections = fixture
+    image_ids = list(IMAGE_SIZES)
+    first, evaluator = evaluate(gt_path, to_predictions(detections, image_ids), image_ids)
+    coco_gt = evaluator.coco_gt
+    evaluator.reset()
+    evaluator.update(to_predictions(detections, image_ids), image_ids)
+    assert evaluator.compute() == pytest.approx(first, nan_ok=True) and evaluator.coco_gt is coco_gt
 
 
 def test_duplicate_image_ids_are_counted_once(fixture):

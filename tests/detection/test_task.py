@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from backbones.data.shapes import generate_shapes
 
@@ -15,7 +16,9 @@ CONFIGS = sorted((ROOT / "configs" / "detection").glob("*.yaml"))
 sys.path.insert(0, str(ROOT / "tools"))
 import train_det  # noqa: E402
 
-TINY_MODEL = '{"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "box_batch_size_per_image": 32}'
+# Single keys over the config's model_options (a whole dict would replace the config's options).
+TINY_MODEL = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "box_batch_size_per_image": 32}
+TINY_MODEL_ARGS = [f"--model.model_options.{key}={value}" for key, value in TINY_MODEL.items()]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +48,7 @@ def test_config_fast_dev_run(config, tiny_shapes, tmp_path):
         "--data.batch_size=2",
         "--data.num_workers=0",
         "--model.backbone_weights=null",  # no downloads in tests
-        "--model.model_options.norm=bn",
-        "--model.model_options.frozen_stages=-1",
-        f"--model.model_options={TINY_MODEL}",
+        *TINY_MODEL_ARGS,
         "--trainer.fast_dev_run=1",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
@@ -56,6 +57,18 @@ def test_config_fast_dev_run(config, tiny_shapes, tmp_path):
     ]
     cli = train_det.main(args)
     assert cli.model.model is not None
+    # the config's model options reach the model, with only the overridden keys changed
+    options = yaml.safe_load(config.read_text())["model"]["model_options"]
+    assert cli.model.hparams.model_options == {**options, **TINY_MODEL}
+    model = cli.model.model
+    assert model.transform.min_size == (64,) and model.transform.max_size == 64
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+    frozen_norms = [m for m in model.backbone.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+    assert bool(frozen_norms) == (options["norm"] == "frozen_bn")
+    if "fpn_channels" in options:
+        assert model.backbone.out_channels == options["fpn_channels"]
+    if "rpn_post_nms_top_n_test" in options:
+        assert model.rpn._post_nms_top_n["testing"] == options["rpn_post_nms_top_n_test"]
     assert cli.model.hparams.num_classes == 4  # 3 shape categories + background, from the annotation file
     assert cli.model.hparams.label_to_category_id == {1: 1, 2: 3, 3: 7}
     logged = cli.trainer.callback_metrics
@@ -68,7 +81,7 @@ def test_validate_and_predict_from_checkpoint(tiny_shapes, tmp_path):
     common = [
         "--config", str(ROOT / "configs/detection/faster_rcnn_r18_fpn_shapes.yaml"),
         *_data_overrides(ROOT / "configs/detection/faster_rcnn_r18_fpn_shapes.yaml", tiny_shapes),
-        "--data.batch_size=2", "--data.num_workers=0", f"--model.model_options={TINY_MODEL}",
+        "--data.batch_size=2", "--data.num_workers=0", *TINY_MODEL_ARGS,
         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
     ]
     train_det.main(["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"])
@@ -84,7 +97,7 @@ def test_validate_and_predict_from_checkpoint(tiny_shapes, tmp_path):
 
     task = DetectionTask.load_from_checkpoint(ckpt, weights_only=True)  # hparams carry num_classes and names
     assert task.hparams.num_classes == 4
-    assert task.hparams.category_names[1:] == ["circle", "square", "triangle"]
+    assert task.hparams.class_names[1:] == ["circle", "square", "triangle"]
 
     import infer_det
 
@@ -100,3 +113,30 @@ def test_non_finite_loss_stops_with_the_terms(monkeypatch):
     losses = {"loss_classifier": torch.tensor(0.5), "loss_box_reg": torch.tensor(float("nan"))}
     with pytest.raises(FloatingPointError, match=r"step 7.*loss_box_reg=nan"):
         check_finite_losses(losses, 7)
+
+
+def test_evaluator_is_built_once_and_scores_only_the_images_seen(tiny_shapes, tmp_path, monkeypatch):
+    import lightning as L
+
+    import detection.evaluation
+    from detection.data import ShapesDataModule
+    from detection.task import DetectionTask
+
+    reads = []  # ground-truth files read (evaluate_results passes the loaded COCO object on, which reads nothing)
+    load_ground_truth = detection.evaluation.load_ground_truth
+
+    def counting(annotations, *args, **kwargs):
+        if isinstance(annotations, (str, Path)):
+            reads.append(annotations)
+        return load_ground_truth(annotations, *args, **kwargs)
+
+    monkeypatch.setattr(detection.evaluation, "load_ground_truth", counting)
+    data = ShapesDataModule(root=str(tiny_shapes.root), num_train=4, num_val=3, image_size=64, seed=1, batch_size=2,
+                            num_workers=0, val_batch_size=1)  # fmt: skip
+    task = DetectionTask(model="faster_rcnn_r18_fpn", model_options={**TINY_MODEL, "norm": "bn"}, warmup=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=1, limit_val_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="scoring 2 of the 3 ground-truth images"):  # limit_val_batches=2
+        trainer.fit(task, datamodule=data)
+    assert len(reads) == 1  # two validations, one evaluator: the ground truth was read once
+    assert "val_bbox_AP" in trainer.callback_metrics

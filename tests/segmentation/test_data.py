@@ -240,7 +240,7 @@ def test_shapes_datamodule_generates_on_first_use(tmp_path):
     datamodule = ShapesSegmentationDataModule(
         root=str(tmp_path / "shapes"), num_train=4, num_val=2, image_size=48, batch_size=2, num_workers=0
     )
-    assert datamodule.num_classes == 4 and datamodule.class_names == ["background", "circle", "square", "triangle"]
+    assert datamodule.num_classes == 4 and datamodule.class_names == ["__background__", "circle", "square", "triangle"]
     datamodule.prepare_data()
     datamodule.setup("fit")
     images, masks = next(iter(datamodule.train_dataloader()))

@@ -78,7 +78,7 @@ def test_table_shows_absent_classes_as_dash():
     evaluator.compute()
     table = format_per_class_table(evaluator.per_class())
     assert table.splitlines()[-1].split()[:2] == ["c", "-"]
-    assert "50.00" in table  # bg IoU 2/4
+    assert "0.5000" in table and "50.00" not in table  # bg IoU 2/4, a fraction as in the logs
 
 
 def _free_port():

@@ -127,3 +127,17 @@ def test_poly_schedule_after_warmup():
     schedule = LRSchedule(total_steps=100, schedule="poly", power=0.9, warmup_steps=10, warmup_factor=0.1)
     assert schedule(0) == pytest.approx(0.1) and schedule(50) == pytest.approx(0.5**0.9)
     assert schedule(100) == 0
+
+
+def test_printed_metrics_are_fractions_as_logged(capsys):
+    from types import SimpleNamespace
+
+    task = SegmentationTask(model="deeplabv3plus_r18", num_classes=2, class_names=["__background__", "thing"])
+    task._trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, global_step=3)
+    evaluator = task.evaluator("val")
+    evaluator.update(torch.tensor([[0, 1, 1, 1]]), torch.tensor([[0, 0, 1, 1]]))  # IoU 1/2 and 2/3
+    metrics = evaluator.compute()
+    task.report_evaluation("val", metrics)
+    printed = capsys.readouterr().out
+    assert f"val_mIoU {metrics['mIoU']:.4f}" in printed and "val_mIoU 0.5833" in printed  # not 58.33
+    assert "0.6667" in printed and "66.67" not in printed  # the per-class table too

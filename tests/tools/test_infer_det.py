@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
     datamodule = ShapesDataModule(
         root=str(root / "shapes"), num_train=2, num_val=2, image_size=64, batch_size=2, num_workers=0, with_masks=True
     )
-    task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=TINY, warmup_steps=0)
+    task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=TINY, warmup=0)
     return fit_one_step(task, datamodule, root), datamodule.root / "val"
 
 

@@ -35,7 +35,7 @@ def test_overlays_for_a_folder_and_an_image(checkpoint, tmp_path):
 
 def test_checkpoint_keeps_classes_for_inference(checkpoint):
     task = infer_seg.load_task(checkpoint[0], "cpu")
-    assert task.hparams.num_classes == 4 and task.hparams.class_names[0] == "background"
+    assert task.hparams.num_classes == 4 and task.hparams.class_names[0] == "__background__"
 
 
 def test_overlay_leaves_background_uncoloured():

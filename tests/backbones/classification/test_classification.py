@@ -10,8 +10,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.nn import functional as F
+from torchvision.transforms import v2
 
 from backbones.classification import (
     SHAPES_CLASSIFICATION_CLASSES,
@@ -92,6 +94,19 @@ def test_config_fast_dev_run(config, tiny_root, tmp_path):
     metrics = cli.trainer.callback_metrics
     assert {"train_loss", "val_loss", "val_top1", "val_top5"} <= set(metrics)
     assert (cli.model.ema is not None) == (cli.model.hparams.ema_decay is not None)
+    # the config's recipe reaches the model, the optimizer and the schedule
+    recipe = yaml.safe_load(config.read_text())["model"]
+    model = cli.model.model
+    assert bool(model.layer1[0].bn2.weight.abs().max() < 0.1) == recipe["zero_init_last"]  # 0 (one step moves it) or 1
+    groups = cli.trainer.optimizers[0].param_groups
+    assert len(groups) == (1 if recipe["norm_bias_decay"] else 2)
+    assert groups[0]["initial_lr"] == pytest.approx(recipe["lr"] * 4 / recipe["lr_reference_batch_size"])
+    schedule = cli.trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert schedule.schedule == recipe["schedule"]
+    batches_per_epoch = cli.trainer.num_training_batches
+    assert schedule.warmup_steps == round(recipe["warmup"] * batches_per_epoch)  # warmup_unit: epoch
+    if recipe["schedule"] == "step":
+        assert schedule.milestones == [m * batches_per_epoch for m in recipe["milestones"]]
 
 
 # ---------------------------------------------------------------- data
@@ -108,12 +123,16 @@ def test_image_folder_classes_and_shapes(tiny_root):
     assert len(data.dataset("train")) == 18 and len(data.dataset("val")) == 12
 
 
-def test_mean_std_from_weights_tag_or_explicit(tiny_root):
-    tag = "resnet50.a1_in1k"
-    assert _tiny_data(tiny_root, weights_tag=tag).mean == WEIGHTS[tag].mean
-    assert _tiny_data(tiny_root, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).std == (0.25, 0.25, 0.25)
-    with pytest.raises(ValueError, match="resnet50.nope.*resnet50.tv_in1k"):
-        _tiny_data(tiny_root, weights_tag="resnet50.nope")
+def test_the_task_normalizes_as_the_data_transforms_did(tiny_root):
+    # One place for normalization in all three tasks: the data gives [0, 1], the task normalizes.
+    images, _ = next(iter(_tiny_data(tiny_root).train_dataloader()))
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    mean, std = WEIGHTS["resnet50.tv_in1k"].mean, WEIGHTS["resnet50.tv_in1k"].std
+    task = ClassificationTask(model="resnet18", num_classes=6, mean=mean, std=std)
+    before = torch.stack([v2.Normalize(list(mean), list(std))(image) for image in images])  # the old transform
+    assert torch.equal(task.normalize(images), before)  # bit for bit: the same inputs reach the model
+    with pytest.raises(ValueError, match="give three values each"):
+        ClassificationTask(model="resnet18", num_classes=6, mean=(0.5,))
 
 
 def test_missing_folder_is_named(tmp_path):
@@ -175,7 +194,7 @@ def test_paper_schedule_and_cosine_warmup():
     paper = ClassificationTask(model="resnet18", num_classes=6).lr_schedule(total_steps=900, steps_per_epoch=10)
     assert [paper(s) for s in (0, 299, 300, 599, 600, 799)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     assert paper(800) == pytest.approx(0.001)
-    task = ClassificationTask(model="resnet18", num_classes=6, schedule="cosine", warmup_epochs=5, warmup_factor=0.001)
+    task = ClassificationTask(model="resnet18", num_classes=6, schedule="cosine", warmup=5, warmup_factor=0.001)
     cosine = task.lr_schedule(total_steps=1200, steps_per_epoch=10)
     assert cosine(0) == pytest.approx(0.001) and cosine(50) == pytest.approx(0.5 * (1 + np.cos(np.pi * 50 / 1200)))
     assert cosine(1200) == pytest.approx(0.0, abs=1e-9)
@@ -225,7 +244,10 @@ def test_ema_is_updated_used_for_validation_and_checkpointed(tiny_root, tmp_path
     metrics = _trainer(tmp_path).validate(task, datamodule=data, verbose=False)[0]
     task.ema.module.eval()
     with torch.no_grad():
-        losses = [(F.cross_entropy(task.ema.module(x), y, reduction="sum"), len(y)) for x, y in data.val_dataloader()]
+        losses = [
+            (F.cross_entropy(task.ema.module(task.normalize(x)), y, reduction="sum"), len(y))
+            for x, y in data.val_dataloader()
+        ]
     assert metrics["val_loss"] == pytest.approx(sum(l.item() for l, _ in losses) / sum(n for _, n in losses), rel=1e-4)
     assert task.eval_model is task.ema.module
 
@@ -239,7 +261,7 @@ def test_ema_is_updated_used_for_validation_and_checkpointed(tiny_root, tmp_path
 
 def test_num_classes_smaller_than_the_data_is_an_error(tiny_root, tmp_path):
     task = ClassificationTask(model="resnet18", num_classes=3)
-    with pytest.raises(ValueError, match="num_classes=3, but the data has 6 classes"):
+    with pytest.raises(ValueError, match="num_classes=3, but the data module has 6 classes; the model needs at least 6"):
         _trainer(tmp_path, fast_dev_run=1).fit(task, datamodule=_tiny_data(tiny_root))
 
 

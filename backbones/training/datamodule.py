@@ -1,0 +1,157 @@
+"""The data-module skeleton of the three tasks: splits, datasets built once, the four loaders.
+
+A subclass gives its splits (`split_paths`, or `available_splits`), how a split's dataset is made (`build_dataset`),
+`num_classes` and `class_names`, and where it differs: `collate_fn`, `drop_last_train`,
+`train_group_ids`. Everything else is here, once:
+
+- training batches from `ResumableTrainData` (seeded shuffle and augmentations, resumable mid-epoch);
+- validation, test and predict batches over `eval_sampler` (every image exactly once at any world size);
+- the predict split is the test split when there is one, else the validation split;
+- memory is pinned when the trainer runs on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from .distributed import eval_sampler
+from .samplers import ResumableTrainData, SeededSamples
+
+__all__ = ["BACKGROUND", "TaskDataModule"]
+
+#: the name of label 0 in detection and segmentation data (torchvision's convention), saved in checkpoints
+BACKGROUND = "__background__"
+
+
+class TaskDataModule(ResumableTrainData, L.LightningDataModule):
+    """The shared part of the detection, segmentation and classification data modules.
+
+    Args:
+        batch_size: training images per batch (per device).
+        val_batch_size: images per validation, test and predict batch (None: `batch_size`).
+        num_workers: data loading processes (per device).
+    """
+
+    #: turns a list of samples into a batch (None: PyTorch's default)
+    collate_fn: ClassVar[Callable | None] = None
+    #: full training batches only (a last batch of one image breaks batch norm), when there is one full batch
+    drop_last_train: ClassVar[bool] = True
+
+    def __init__(self, *, batch_size: int, val_batch_size: int | None = None, num_workers: int = 2) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or 1)):
+            if value < 1:
+                raise ValueError(f"{name}={value}; give a positive number of images per batch")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}; give 0 (load in the main process) or more")
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------ what a data module gives
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the model must cover (background included where there is one)."""
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        """A name per label, saved with the task's checkpoint; label 0 is `BACKGROUND` in detection and segmentation."""
+        raise NotImplementedError
+
+    #: the paths of each split ("train", "val", "test"), e.g. (images, annotations); None where not given
+    split_paths: dict[str, tuple[str | None, ...]]
+    #: what the paths of a split are, for errors: ("images", "annotations") names train_images, train_annotations
+    split_path_names: ClassVar[tuple[str, ...]] = ("images", "annotations")
+
+    def available_splits(self) -> list[str]:
+        """The splits ("train", "val", "test") whose data is given: all of their `split_paths`."""
+        return [split for split, paths in self.split_paths.items() if all(paths)]
+
+    def build_dataset(self, split: str) -> Dataset:
+        """The dataset of `split`, with its transforms; called once per split."""
+        raise NotImplementedError
+
+    def train_group_ids(self, dataset: Dataset) -> Sequence[int] | None:
+        """A group id per training image; a batch holds one group (e.g. aspect ratios). None: one group."""
+        return None
+
+    # ------------------------------------------------------------ splits and datasets
+
+    def predict_split(self) -> str:
+        """`predict` runs on the test split when it is given, else on the validation split."""
+        return "test" if "test" in self.available_splits() else "val"
+
+    def setup(self, stage: str | None = None) -> None:
+        available = self.available_splits()
+        splits = {
+            "fit": ["train", *(["val"] if "val" in available else [])],  # validation is optional
+            "validate": ["val"],
+            "test": ["test"],
+            "predict": [self.predict_split()],
+        }.get(stage or "", available)
+        for split in splits:
+            self.dataset(split)
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of `split` ("train", "val" or "test"), built on first use."""
+        if split not in self.datasets:
+            available = self.available_splits()
+            if split not in available:
+                paths = zip(self.split_path_names, getattr(self, "split_paths", {}).get(split, ()))
+                given = ", ".join(f"{split}_{name}={path!r}" for name, path in paths)
+                raise ValueError(
+                    f"no {split} data given to {type(self).__name__} ({given}); set them "
+                    f"(splits given: {', '.join(available) or 'none'})"
+                )
+            self.datasets[split] = self.build_dataset(split)
+        return self.datasets[split]
+
+    # ------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        # Shuffle, batches and augmentations follow from (seed, epoch, index): a run resumed mid-epoch sees the
+        # same batches as an uninterrupted one (backbones.training.samplers).
+        dataset = self.dataset("train")
+        drop_last = self.drop_last_train and len(dataset) >= self.batch_size
+        options = self.train_loader_kwargs(
+            dataset, self.batch_size, group_ids=self.train_group_ids(dataset), drop_last=drop_last
+        )
+        return self._loader(SeededSamples(dataset), **options)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.available_splits():  # fitting without validation
+            return []
+        return self._eval_loader(self.dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.dataset("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.dataset(self.predict_split()))
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        # Each image on exactly one rank, no padding copies: metrics summed over ranks count it once.
+        return self._loader(dataset, batch_size=self.val_batch_size, sampler=eval_sampler(dataset))
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            collate_fn=type(self).collate_fn,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.on_cuda,
+            **kwargs,
+        )
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the trainer runs on a CUDA device (pinned host memory then speeds up the copies)."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
