@@ -129,3 +129,27 @@ def test_label_space_follows_the_weights_tag():
         resolve_label_space("contiguous", "faster_rcnn_r50_fpn.tv_coco", fresh_heads=False)
     with pytest.raises(ValueError, match="label_space='ids'; choose one of 'contiguous', 'category_id'"):
         resolve_label_space("ids", None, fresh_heads=False)
+
+
+def test_readme_command_for_published_weights_uses_their_label_space(tmp_path, monkeypatch):
+    """The README's validate command for torchvision's COCO Mask R-CNN builds it in the category-id space."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from detection.weights_table import DETECTION_WEIGHTS
+    from tests.tools.loader import TOOLS, load_tool
+
+    torch.manual_seed(0)
+    published = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(published.state_dict(), tmp_path / "torch" / "hub" / "checkpoints" /
+               DETECTION_WEIGHTS["mask_rcnn_r50_fpn.tv_coco"].file_name)  # fmt: skip
+    cli = load_tool("train_det").main([
+        "--config", str(TOOLS.parent / "configs/detection/mask_rcnn_r50_fpn_1x_coco.yaml"),
+        "--model.weights", "mask_rcnn_r50_fpn.tv_coco", "--model.backbone_weights", "null",
+        "--model.num_classes", "91", "--trainer.accelerator", "cpu",
+    ], run=False)  # fmt: skip
+    assert cli.model.hparams.label_space == "category_id"
+    ours, theirs = cli.model.model.state_dict(), published.state_dict()
+    assert set(ours) == {key for key in theirs if not key.endswith("num_batches_tracked")}  # frozen BN keeps none
+    assert all(torch.equal(value, theirs[key]) for key, value in ours.items())
