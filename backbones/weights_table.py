@@ -24,6 +24,11 @@ class WeightsSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
+    # What a label of the model's outputs means: "contiguous" (1..K, K = num_classes - 1, in the order of
+    # `category_ids` when given, else of the data's category ids) or "category_id" (the label is the COCO
+    # category id, as torchvision's COCO detectors with their 91 outputs).
+    label_space: str = "contiguous"
+    category_ids: tuple[int, ...] | None = None  # the dataset category ids of labels 1..K, where published
 
     @property
     def file_name(self) -> str:

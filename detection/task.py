@@ -15,6 +15,7 @@ from backbones.training import TrainingTask, check_finite_losses
 
 from .evaluation import COCOEvaluator
 from .models import PRESETS, build_model
+from .weights_table import DETECTION_WEIGHTS, LABEL_SPACES
 
 
 class DetectionTask(TrainingTask):
@@ -29,9 +30,16 @@ class DetectionTask(TrainingTask):
         model_options: more `build_model` arguments (backbone, neck, head, norm, anchor_sizes,
             min_size, max_size, rpn_*/box_* settings ...). `min_size`/`max_size` are the evaluation
             scale; a training scale of the data module that does not reach it is warned about.
+        label_space: what a label of the model means. "contiguous": labels 1..K stand for the data's
+            categories in id order (the data module's mapping); "category_id": the label is the COCO
+            category id, as in torchvision's published COCO detectors (91 outputs for ids up to 90),
+            so the outputs must cover the largest category id. None: the weights tag's (see
+            `detection.weights_table`; "category_id" for the `*.tv_coco` tags unless `fresh_heads`),
+            else "contiguous". Saved with the checkpoint.
         eval_backend: "auto", "pycocotools" or "faster_coco_eval".
-        label_to_category_id: filled from the data module and saved with the checkpoint, so inference
-            can write COCO category ids (`class_names`, index 0 "__background__", names the labels).
+        label_to_category_id: the COCO category id of each model label, filled from the data module
+            and the label space and saved with the checkpoint, so inference writes the right ids
+            (`class_names`, index 0 "__background__", names the labels).
         lr, schedule, milestones, warmup: as in `TrainingTask`; the defaults are the 1x schedule's
             (lr 0.02 for 16 images, decay at epochs 8 and 11 of 12, 500 steps of warmup).
         **kwargs: the other `TrainingTask` settings (num_classes, lr_reference_batch_size, momentum,
@@ -48,6 +56,7 @@ class DetectionTask(TrainingTask):
         backbone_weights: str | None = None,
         fresh_heads: bool = False,
         model_options: dict[str, Any] | None = None,
+        label_space: Literal["contiguous", "category_id"] | None = None,
         eval_backend: str = "auto",
         label_to_category_id: dict[int, int] | None = None,
         lr: float = 0.02,
@@ -57,6 +66,9 @@ class DetectionTask(TrainingTask):
         **kwargs: Any,
     ):
         super().__init__(lr=lr, schedule=schedule, milestones=milestones, warmup=warmup, **kwargs)
+        self.hparams.label_space = resolve_label_space(label_space, weights, fresh_heads)
+        self._data_labels: torch.Tensor | None = None  # data label -> model label, for the training targets
+        self._eval_labels: torch.Tensor | None = None  # the model labels of the data's categories
         if self.hparams.num_classes is not None:
             self.build_model(self.hparams.num_classes)
 
@@ -81,12 +93,33 @@ class DetectionTask(TrainingTask):
         name = self.hparams.model
         return PRESETS.get(name, {}).get("architecture", name) == "mask_rcnn"
 
+    def data_num_classes(self, datamodule: Any) -> int:
+        if self.hparams.label_space == "category_id":
+            return max(datamodule.label_to_category_id.values(), default=0) + 1
+        return int(datamodule.num_classes)
+
     def setup(self, stage: str) -> None:
-        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "label_to_category_id"):
+            super().setup(stage)
             return
-        self.hparams.label_to_category_id = dict(datamodule.label_to_category_id)
+        if self.hparams.label_space == "category_id" and self.hparams.num_classes is not None:
+            _check_covers_category_ids(int(self.hparams.num_classes), datamodule)
+        super().setup(stage)
+        data_mapping = dict(datamodule.label_to_category_id)
+        if self.hparams.label_space == "category_id":
+            # A label is a category id, whether or not this data has that category (as a published model's).
+            self.hparams.label_to_category_id = {c: c for c in range(1, int(self.hparams.num_classes))}
+            self._eval_labels = torch.tensor(sorted(data_mapping.values()))
+            names = ["N/A"] * int(self.hparams.num_classes)  # torchvision's name for an id without a category
+            names[0] = "__background__"
+            for label, category_id in data_mapping.items():
+                names[category_id] = datamodule.class_names[label]
+            self.hparams.class_names = names
+            self._data_labels = torch.tensor([0, *(data_mapping[label] for label in sorted(data_mapping))])
+        else:
+            self.hparams.label_to_category_id = data_mapping
+            self._data_labels = self._eval_labels = None
         self._check_data_settings(datamodule)
 
     def _check_data_settings(self, datamodule: Any) -> None:
@@ -114,9 +147,16 @@ class DetectionTask(TrainingTask):
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         return self.model(images, targets)
 
+    def to_model_labels(self, targets: list[dict]) -> list[dict]:
+        """The data module's targets (contiguous labels) in the model's label space."""
+        if self._data_labels is None:
+            return targets
+        lookup = self._data_labels.to(targets[0]["labels"].device) if targets else self._data_labels
+        return [{**target, "labels": lookup[target["labels"]]} for target in targets]
+
     def training_step(self, batch: tuple[list, list], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        losses = self.model(images, targets)
+        losses = self.model(images, self.to_model_labels(targets))
         check_finite_losses(losses, self.global_step)
         loss = sum(losses.values())
         batch_size = len(images)
@@ -133,13 +173,16 @@ class DetectionTask(TrainingTask):
         return COCOEvaluator(
             annotations=self.evaluator_key(stage),
             iou_types=("bbox", "segm") if self.is_mask_model else ("bbox",),
-            label_to_category_id=self.trainer.datamodule.label_to_category_id,
+            label_to_category_id=self.hparams.label_to_category_id,  # the model's labels, in its label space
             backend=self.hparams.eval_backend,
         )
 
     def evaluation_step(self, batch: tuple[list, list], stage: str) -> None:
         images, targets = batch
         predictions = self.model(images)
+        if self._eval_labels is not None:
+            # Detections of categories this data does not annotate are not scored (pycocotools ignores them too).
+            predictions = [_only_labels(prediction, self._eval_labels) for prediction in predictions]
         self.evaluator(stage).update(predictions, [int(t["image_id"]) for t in targets])
 
     def predict_step(self, batch: tuple[list, list], batch_idx: int) -> list[dict]:
@@ -148,3 +191,42 @@ class DetectionTask(TrainingTask):
         for prediction, target in zip(predictions, targets):
             prediction["image_id"] = int(target["image_id"])
         return predictions
+
+
+def resolve_label_space(label_space: str | None, weights: str | None, fresh_heads: bool) -> str:
+    """The label space asked for, else the one of the weights tag (unless its heads start fresh), else contiguous.
+
+    Raises:
+        ValueError: an unknown label space, or one that contradicts the weights tag's.
+    """
+    if label_space is not None and label_space not in LABEL_SPACES:
+        raise ValueError(f"label_space={label_space!r}; choose one of {', '.join(map(repr, LABEL_SPACES))}")
+    spec = DETECTION_WEIGHTS.get(str(weights)) if weights is not None and not fresh_heads else None
+    if spec is None:
+        return label_space or "contiguous"
+    if label_space is not None and label_space != spec.label_space:
+        raise ValueError(
+            f"label_space={label_space!r}, but the weights {weights!r} predict labels in the "
+            f"{spec.label_space!r} label space ({spec.source}); drop label_space to use theirs, or set "
+            "fresh_heads: true to train the class-specific layers anew"
+        )
+    return spec.label_space
+
+
+def _check_covers_category_ids(num_classes: int, datamodule: Any) -> None:
+    mapping = datamodule.label_to_category_id
+    largest = max(mapping.values(), default=0)
+    if num_classes <= largest:
+        raise ValueError(
+            f"model.num_classes={num_classes} gives labels 0..{num_classes - 1}, but with label_space "
+            f"'category_id' every category id of the data must be a label, and the largest is {largest} "
+            f"(of ids {sorted(mapping.values())}); set model.num_classes: {largest + 1} or more, or use "
+            "label_space: contiguous"
+        )
+
+
+def _only_labels(prediction: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The detections of `prediction` whose label is one of `labels`."""
+    keep = torch.isin(prediction["labels"], labels.to(prediction["labels"].device))
+    return {key: value[keep] if torch.is_tensor(value) and len(value) == len(keep) else value
+            for key, value in prediction.items()}  # fmt: skip

@@ -26,6 +26,7 @@ from torchvision import tv_tensors
 from backbones.data.images import ImageFileError, read_rgb_image
 
 from .transforms import IGNORE_INDEX
+from .weights_table import VOC_CATEGORY_IDS
 
 __all__ = [
     "IGNORE_INDEX",
@@ -44,7 +45,6 @@ __all__ = [
 # COCO category ids of the 20 Pascal VOC classes in VOC order (torchvision's references): aeroplane,
 # bicycle, bird, boat, bottle, bus, car, cat, chair, cow, diningtable, dog, horse, motorbike,
 # person, pottedplant, sheep, sofa, train, tvmonitor.
-VOC_CATEGORY_IDS = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_NAMES_IN_ERROR = 5
 

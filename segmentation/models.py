@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from backbones import create_backbone, load_weights
-from backbones.weights_table import WeightsSpec
 
+from .weights_table import SEGMENTATION_WEIGHTS
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
 
 __all__ = ["ARCHITECTURES", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model"]
@@ -32,17 +32,6 @@ PRESETS: dict[str, dict[str, str]] = {
     f"{architecture}_r{depth}": dict(architecture=architecture, backbone=f"resnet{depth}")
     for architecture in ARCHITECTURES
     for depth in (18, 50, 101)
-}
-
-_TV = "https://download.pytorch.org/models/"
-# Whole-model weights (data only). torchvision's were trained on the COCO images of the 20 VOC classes.
-SEGMENTATION_WEIGHTS: dict[str, WeightsSpec] = {
-    "deeplabv3_r50.tv_coco_voc": WeightsSpec(
-        _TV + "deeplabv3_resnet50_coco-cd0a2569.pth", "torchvision COCO_WITH_VOC_LABELS_V1, mIoU 66.4", num_classes=21
-    ),
-    "deeplabv3_r101.tv_coco_voc": WeightsSpec(
-        _TV + "deeplabv3_resnet101_coco-586e9e4e.pth", "torchvision COCO_WITH_VOC_LABELS_V1, mIoU 67.4", num_classes=21
-    ),
 }
 
 # The class-specific layers: left as initialised by `fresh_heads` when a checkpoint has other classes.

@@ -15,6 +15,7 @@ from backbones.training import TrainingTask, check_finite_losses
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
 from .models import build_model
+from .weights_table import SEGMENTATION_WEIGHTS
 from .transforms import IGNORE_INDEX
 
 
@@ -70,6 +71,25 @@ class SegmentationTask(TrainingTask):
             output_stride=hp.output_stride, aux_loss=hp.aux_loss, backbone=hp.backbone, fresh_heads=hp.fresh_heads,
             **(hp.model_options or {}),
         )  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        self._check_label_space()
+        super().setup(stage)
+
+    def _check_label_space(self) -> None:
+        """Published weights whose labels are known categories need the data in the same label order."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spec = None if self.hparams.fresh_heads else SEGMENTATION_WEIGHTS.get(str(self.hparams.weights))
+        if spec is None or spec.category_ids is None or not hasattr(datamodule, "category_ids"):
+            return
+        data_ids = tuple(datamodule.category_ids) if datamodule.category_ids is not None else None
+        if data_ids != spec.category_ids:
+            raise ValueError(
+                f"the weights {self.hparams.weights!r} predict the categories {list(spec.category_ids)} (COCO ids, in "
+                f"label order 1..{len(spec.category_ids)}), but the data module's category_ids are "
+                f"{list(data_ids) if data_ids else 'all of the annotation file, in id order'}; set "
+                "data.category_ids to the weights' (segmentation.VOC_CATEGORY_IDS), or fresh_heads: true"
+            )
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Logits `out` (and `aux`) (N, num_classes, H, W) of images in [0, 1] (N, 3, H, W)."""

@@ -178,6 +178,10 @@ class TrainingTask(L.LightningModule):
         """(images - mean) / std of float images in [0, 1] (N, 3, H, W)."""
         return (images - self.mean) / self.std
 
+    def data_num_classes(self, datamodule: Any) -> int:
+        """The number of outputs the data module's classes need (background included)."""
+        return int(datamodule.num_classes)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "num_classes"):
@@ -187,7 +191,7 @@ class TrainingTask(L.LightningModule):
                     f"{type(self).__name__}(num_classes=...) or fit with a data module"
                 )
             return
-        data_classes = int(datamodule.num_classes)
+        data_classes = self.data_num_classes(datamodule)
         if self.model is None:
             self.hparams.num_classes = data_classes
             self.build_model(data_classes)
