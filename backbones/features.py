@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .layers import keep_frozen_norms_in_eval
+
 __all__ = ["Backbone", "FeatureInfo", "feature_name", "feature_stride", "output_shape", "OUTPUT_STRIDES"]
 
 OUTPUT_STRIDES = (8, 16, 32)
@@ -28,10 +30,16 @@ def output_shape(feature_info: list[FeatureInfo]) -> dict[str, FeatureInfo]:
 class Backbone(nn.Module):
     """A module whose `forward` returns an ordered dict of features, described by `feature_info`.
 
-    Subclasses set `feature_info` (a list of `FeatureInfo`, in output order) while they build.
+    Subclasses set `feature_info` (a list of `FeatureInfo`, in output order) while they build. Batch
+    norms frozen with `backbones.layers.freeze_module` (the frozen stages) stay in eval mode in training.
     """
 
     feature_info: list[FeatureInfo]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_norms_in_eval(self)
+        return self
 
     def output_shape(self) -> dict[str, FeatureInfo]:
         """The outputs `forward` returns, by name, known before it runs (detectron2's `output_shape`)."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .features import Backbone, FeatureInfo, check_out_indices, check_output_stride, feature_name, feature_stride
-from .layers import NormLayer, freeze_module, keep_frozen_norms_in_eval, replace_batch_norms
+from .layers import NormLayer, freeze_module, replace_batch_norms
 
 __all__ = ["TimmBackbone", "check_timm_name"]
 
@@ -83,11 +83,6 @@ class TimmBackbone(Backbone):
             candidates = (f"model.{key}", "model." + key.replace(".", "_", 1))
             converted[next((c for c in candidates if c in own), key)] = value
         return converted
-
-    def train(self, mode: bool = True) -> TimmBackbone:
-        super().train(mode)
-        keep_frozen_norms_in_eval(self)
-        return self
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return OrderedDict((info.name, f) for info, f in zip(self.feature_info, self.model(x)))
