@@ -29,7 +29,9 @@ STAGES = {
 NORMS = ("bn", "frozen_bn", "gn", "sync_bn")
 # By default one combination per model, each norm and each frozen_stages once (a step costs seconds on a CPU);
 # the other 44 of the 48 are `slow`. The fused norm + activation layers are also checked on their own below.
-DEFAULT = {("resnet18", "frozen_bn", 1), ("convnext_atto", "bn", -1), ("efficientnet_b0", "sync_bn", 1), ("regnetx_002", "gn", 0)}
+DEFAULT = {
+    ("resnet18", "frozen_bn", 1), ("convnext_atto", "bn", -1), ("efficientnet_b0", "sync_bn", 1), ("regnetx_002", "gn", 0),
+}  # fmt: skip
 COMBOS = [
     pytest.param(name, norm, frozen, marks=() if (name, norm, frozen) in DEFAULT else pytest.mark.slow)
     for name in STAGES
