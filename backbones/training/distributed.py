@@ -88,6 +88,10 @@ class FrozenAwareSyncBatchNorm(TorchSyncBatchNorm):
     would then update their statistics, and timm's fused `BatchNormAct2d` into plain SyncBatchNorm
     layers without their activation; `backbones.layers.convert_sync_batchnorm` keeps both. `revert`
     turns timm's `SyncBatchNormAct` back into `BatchNormAct2d`, activation included.
+
+    The public way in is Lightning's plugin list, `Trainer(plugins=[FrozenAwareSyncBatchNorm()])`
+    (allowed with `sync_batchnorm=True`: it is a `TorchSyncBatchNorm`). For a plain
+    `sync_batchnorm=True`, Lightning has no public setter, so `prepare_sync_batchnorm` swaps it in.
     """
 
     def apply(self, model: nn.Module) -> nn.Module:
