@@ -13,11 +13,16 @@ The oneDNN path runs for float32 CPU inputs when no gradient is needed, autocast
 model is not being traced by `torch.compile`; anywhere else (CUDA, half precision, autocast,
 training, tracing) the same result comes from `F.conv2d`, `add` and `relu`. The reordered weight is rebuilt when the weight changes
 (a new tensor, another device or dtype, or an in-place update), and is never saved.
+
+Both ops are private to torch. Before the first use, `cpu_kernels_available` calls them once on a
+tiny input as we call them and compares with `F.conv2d`; if they are missing, take other arguments
+or give another result (a new torch), it warns once and every conv takes the public path.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +35,55 @@ ACTIVATIONS = (None, "relu")
 
 @functools.cache  # asked on every forward of every conv
 def cpu_kernels_available() -> bool:
-    """Whether this build of torch has the oneDNN (mkldnn) fused-conv ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    """Whether this build of torch has the oneDNN (mkldnn) fused-conv ops, and they work as we call them."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    try:
+        matches = _check_cpu_kernels()
+    except Exception as error:  # a private op whose signature changed: fall back rather than fail a user's run
+        matches, why = False, f"{type(error).__name__}: {error}"
+    else:
+        why = "their results differ from F.conv2d's"
+    if not matches:
+        warnings.warn(
+            f"torch {torch.__version__}: oneDNN's fused conv ops do not work as FusedConv2d calls them ({why}); "
+            "using F.conv2d, add and relu instead (correct, about 1.5x slower on the CPU)",
+            stacklevel=2,
+        )
+    return matches
+
+
+def _check_cpu_kernels() -> bool:
+    """Runs both fused calls on a small conv and compares them with conv + relu and conv + add + relu."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((1, 4, 7, 7), (8, 4, 3, 3), (8,)))
+    geometry = ([1], [2], [1], 1)  # padding, stride, dilation, groups
+    with torch.no_grad():
+        reference = F.conv2d(x, weight, bias, 2, 1)
+        residual = torch.randn(reference.shape, generator=generator)
+        packed = _reorder_weight(weight, *geometry, x)
+        plain = _fused_conv(x, packed, bias, *geometry, "relu", None)
+        added = _fused_conv(x, packed, bias, *geometry, "relu", residual)
+    return torch.allclose(plain, reference.relu(), atol=1e-4) and torch.allclose(
+        added, (reference + residual).relu(), atol=1e-4
+    )
+
+
+def _reorder_weight(weight: Tensor, padding: list, stride: list, dilation: list, groups: int, x: Tensor) -> Tensor:
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight.detach(), padding, stride, dilation, groups, list(x.shape)
+    )
+
+
+def _fused_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: list, stride: list, dilation: list, groups: int,
+    activation: str | None, residual: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """The two private oneDNN calls: `activation(conv(x))` and `activation(conv(x) + residual)`."""
+    conv_args = (weight, bias, padding, stride, dilation, groups)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, *conv_args, activation or "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *conv_args, "add", 1.0, activation, [], "")
 
 
 class FusedConv2d(nn.Conv2d):
@@ -83,25 +135,20 @@ class FusedConv2d(nn.Conv2d):
             and cpu_kernels_available()
         )
 
+    def _geometry(self) -> tuple[list, list, list, int]:
+        return list(self.padding), list(self.stride), list(self.dilation), self.groups
+
     def _packed_weight(self, x: Tensor) -> Tensor:
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
         if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)
-            )
-            self._packed = (key, packed)
+            self._packed = (key, _reorder_weight(weight, *self._geometry(), x))
         return self._packed[1]
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self._use_cpu_kernel(x) and (residual is None or residual.dtype == x.dtype):
             weight = self._packed_weight(x)
-            conv_args = (weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            if residual is None:
-                return torch.ops.mkldnn._convolution_pointwise(x, *conv_args, self.activation or "none", [], "")
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual, *conv_args, "add", 1.0, self.activation, [], ""
-            )
+            return _fused_conv(x, weight, self.bias, *self._geometry(), self.activation, residual)
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if residual is not None:
             out = out + residual

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FeatureInfo", "feature_name", "OUTPUT_STRIDES"]
+from torch import nn
+
+from .layers import keep_frozen_norms_in_eval
+
+__all__ = ["Backbone", "FeatureInfo", "feature_name", "feature_stride", "output_shape", "OUTPUT_STRIDES"]
 
 OUTPUT_STRIDES = (8, 16, 32)
 
@@ -16,6 +20,36 @@ class FeatureInfo:
     name: str
     channels: int
     stride: int
+
+
+def output_shape(feature_info: list[FeatureInfo]) -> dict[str, FeatureInfo]:
+    """The outputs a backbone's `forward` returns, by name, known before it runs."""
+    return {info.name: info for info in feature_info}
+
+
+class Backbone(nn.Module):
+    """A module whose `forward` returns an ordered dict of features, described by `feature_info`.
+
+    Subclasses set `feature_info` (a list of `FeatureInfo`, in output order) while they build. Batch
+    norms frozen with `backbones.layers.freeze_module` (the frozen stages) stay in eval mode in training.
+    """
+
+    feature_info: list[FeatureInfo]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        keep_frozen_norms_in_eval(self)
+        return self
+
+    def output_shape(self) -> dict[str, FeatureInfo]:
+        """The outputs `forward` returns, by name, known before it runs (detectron2's `output_shape`)."""
+        return output_shape(self.feature_info)
+
+
+def feature_stride(index: int, output_stride: int = 32) -> int:
+    """The stride of output `index` (0 = stem at 2, 1..4 = c2..c5 at 4..32); past `output_stride` the
+    strides stop growing and become dilation."""
+    return min(2 ** (index + 1), output_stride)
 
 
 def feature_name(index: int) -> str:

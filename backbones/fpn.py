@@ -7,7 +7,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-from .features import FeatureInfo
+from .features import Backbone, FeatureInfo
 from .layers import NormLayer, get_norm_layer
 
 __all__ = ["FPN"]
@@ -15,7 +15,7 @@ __all__ = ["FPN"]
 _TOP_BLOCKS = ("maxpool", "p6p7")
 
 
-class FPN(nn.Module):
+class FPN(Backbone):
     """A backbone (`body`) followed by torchvision's FPN (`fpn`); itself a backbone with `p*` outputs.
 
     The module layout is torchvision's `BackboneWithFPN`, so its detection checkpoints load as they are.
@@ -74,9 +74,6 @@ class FPN(nn.Module):
         levels = [_level(info.stride) for info in inputs]
         levels += [levels[-1] + k for k in range(1, num_extra + 1)]
         self.feature_info = [FeatureInfo(f"p{level}", out_channels, 2**level) for level in levels]
-
-    def output_shape(self) -> dict[str, FeatureInfo]:
-        return {info.name: info for info in self.feature_info}
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         features = self.body(x)

@@ -159,6 +159,9 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
     if name.startswith(TIMM_PREFIX):
         import timm
 
+        from .timm_backbone import check_timm_name
+
+        check_timm_name(name[len(TIMM_PREFIX) :])
         model = timm.create_model(name[len(TIMM_PREFIX) :], num_classes=num_classes, **kwargs)
     else:
         model = _builder(name)(num_classes=num_classes, **kwargs)

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from timm.layers import AvgPool2dSame
 
 from .blocks import BasicBlock, Bottleneck, PreActBottleneck
-from .features import FeatureInfo, check_out_indices, check_output_stride, feature_name
-from .layers import NormLayer, freeze_module, get_norm_layer, keep_frozen_norms_in_eval
+from .features import Backbone, FeatureInfo, check_out_indices, check_output_stride, feature_name, feature_stride
+from .layers import NormLayer, freeze_module, get_norm_layer
 
 __all__ = ["ResNet", "make_stages"]
 
@@ -55,14 +55,16 @@ def make_stages(
     """
     stages, infos = [], []
     total_blocks, block_index = sum(layers), 0
-    net_stride, dilation = 4, 1  # the stem reduces by 4
+    net_stride, dilation = feature_stride(0), 1
     for stage_index, num_blocks in enumerate(layers):
         planes = 64 * 2**stage_index
-        stride = 1 if stage_index == 0 else 2
         prev_dilation = dilation
-        if net_stride * stride > output_stride:
-            dilation, stride = dilation * stride, 1
-        net_stride *= stride
+        # the stem's max-pool reduces by 2 before the first stage; a later stage halves, or dilates past output_stride
+        new_stride = feature_stride(stage_index + 1, output_stride)
+        stride = 1 if stage_index == 0 else new_stride // net_stride
+        if stage_index > 0 and stride == 1:
+            dilation *= 2
+        net_stride = new_stride
         out_channels = planes * block.expansion
         downsample = None
         if stride != 1 or in_channels != out_channels:
@@ -121,7 +123,7 @@ def _stem_conv(in_chans: int, stem_width: int, deep_stem: bool, norm_layer: Norm
     )
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet, ResNeXt, Wide ResNet, SE-ResNet(X), ResNet-C/D and the pre-activation ResNet-v2.
 
     With `features_only=True` it is a backbone: `forward` returns an ordered dict of the outputs
@@ -190,7 +192,7 @@ class ResNet(nn.Module):
         # pre-activation nets end with the norm the last block leaves out
         self.norm = norm_layer(self.num_features) if block.preact else nn.Identity()
 
-        all_infos = [FeatureInfo("stem", 64, 2), *stage_infos]
+        all_infos = [FeatureInfo(feature_name(0), 64, feature_stride(0)), *stage_infos]
         if features_only:
             self.out_indices = check_out_indices(tuple(out_indices), len(all_infos))
             self.feature_info = [all_infos[i] for i in self.out_indices]
@@ -233,17 +235,8 @@ class ResNet(nn.Module):
         for stage in self.stages()[: self.frozen_stages + 1]:
             freeze_module(stage)
 
-    def train(self, mode: bool = True) -> ResNet:
-        super().train(mode)
-        keep_frozen_norms_in_eval(self)  # frozen stages keep their BN statistics in training too
-        return self
-
-    def output_shape(self) -> dict[str, FeatureInfo]:
-        """The outputs `forward` returns, by name, known before it runs."""
-        return {info.name: info for info in self.feature_info}
-
-    def forward_features(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        """Returns the outputs chosen by `out_indices` (all five for a classifier)."""
+    def forward_feature_maps(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """Returns the outputs chosen by `out_indices` (all five for a classifier), by name."""
         wanted = self.out_indices or (0, 1, 2, 3, 4)
         out: OrderedDict[str, Tensor] = OrderedDict()
         x = self.relu(self.bn1(self.conv1(x))) if not self.preact else self.conv1(x)  # (N, 64, H/2, W/2)
@@ -260,18 +253,22 @@ class ResNet(nn.Module):
                 out[feature_name(i)] = x
         return out
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The classifier's last feature map before pooling, (N, num_features, H/32, W/32), as timm's."""
+        if self.features_only:
+            raise RuntimeError("forward_features is the classifier's; a features_only ResNet returns forward(x)")
+        x = self.relu(self.bn1(self.conv1(x))) if not self.preact else self.conv1(x)
+        x = self.maxpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.relu(self.norm(x)) if self.preact else x
+
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor] | Tensor:
         if self.features_only:
-            return self.forward_features(x)
-        x = self.relu(self.bn1(self.conv1(x))) if not self.preact else self.conv1(x)
-        x = self.maxpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        if self.preact:
-            x = self.relu(self.norm(x))
-        return self.forward_head(x)
+            return self.forward_feature_maps(x)
+        return self.forward_head(self.forward_features(x))
 
     def convert_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Maps timm's ResNet-v2 names (`stem.conv`, `stages.i.blocks.j.norm1`, `head.fc`) onto ours."""

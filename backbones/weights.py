@@ -31,7 +31,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.\w+$")  # torch hub's convention: name-<sha256 prefix>.pth
 _URL_SCHEMES = ("http://", "https://", "file://")
-_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl")
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors")
 
 
 class WeightsError(ValueError):
@@ -105,6 +105,19 @@ def _download(url: str, tag: str | None = None) -> Path:
     return target
 
 
+def timm_fetch_hint(model_name: str) -> str:
+    """Where to get timm's pretrained weights for `model_name` by hand, and how to pass them."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is not None and cfg.hf_hub_id:
+        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
+        return f"Fetch {url} on a machine with internet and pass weights='/path/to/model.safetensors'"
+    if cfg is not None and cfg.url:
+        return f"Fetch {cfg.url} on a machine with internet and pass weights='/path/to/{cfg.url.rsplit('/', 1)[-1]}'"
+    return f"timm lists no download for {model_name!r}; pass a local weights file"
+
+
 def load_checkpoint(path: str | os.PathLike, what: str = "weights file") -> object:
     """`torch.load(path, weights_only=True)` on the CPU; a file that could run code, or a corrupt one,
     is a `WeightsError` naming the file."""
@@ -158,7 +171,16 @@ def _refused(path: str | os.PathLike, error: Exception) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Reads a state dict with `weights_only=True`; unwraps Lightning and whole-model checkpoints."""
+    """Reads a state dict with `weights_only=True` (or a `.safetensors` file, as the Hugging Face hub
+    serves timm's weights); unwraps Lightning and whole-model checkpoints."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise WeightsError(f"cannot read weights file {str(path)!r}: {error} ({_UNREADABLE})") from error
     checkpoint = load_checkpoint(path)
     for key in ("state_dict", "model", "module"):  # Lightning, torchvision references, DDP wrappers
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):

@@ -162,7 +162,7 @@ def build_model(
             settings["backbone"], weights=backbone_weights, out_indices=out_indices, output_stride=output_stride,
             norm=norm, frozen_stages=frozen_stages, **overrides,
         )  # fmt: skip
-    shapes = body.output_shape() if hasattr(body, "output_shape") else {f.name: f for f in body.feature_info}
+    shapes = body.output_shape()
     deep = body.feature_info[-1]
     rates = atrous_rates_for(output_stride, atrous_rates)
     aux_classifier = FCNHead(shapes["c4"].channels, num_classes) if aux_loss else None

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
 from torch import nn
 from torch.utils.data import DistributedSampler
 
@@ -84,7 +85,13 @@ class FrozenAwareSyncBatchNorm(TorchSyncBatchNorm):
 
     Lightning's own converter (torch's) also turns frozen batch norms (`frozen_stages`, kept in eval
     mode by `keep_frozen_norms_in_eval`) into SyncBatchNorm layers that lose their frozen mark and
-    would then update their statistics; `backbones.layers.convert_sync_batchnorm` keeps them.
+    would then update their statistics, and timm's fused `BatchNormAct2d` into plain SyncBatchNorm
+    layers without their activation; `backbones.layers.convert_sync_batchnorm` keeps both. `revert`
+    turns timm's `SyncBatchNormAct` back into `BatchNormAct2d`, activation included.
+
+    The public way in is Lightning's plugin list, `Trainer(plugins=[FrozenAwareSyncBatchNorm()])`
+    (allowed with `sync_batchnorm=True`: it is a `TorchSyncBatchNorm`). For a plain
+    `sync_batchnorm=True`, Lightning has no public setter, so `prepare_sync_batchnorm` swaps it in.
     """
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -92,12 +99,30 @@ class FrozenAwareSyncBatchNorm(TorchSyncBatchNorm):
 
     def revert(self, model: nn.Module) -> nn.Module:
         frozen = {name for name, module in model.named_modules() if getattr(module, "_resbone_frozen", False)}
-        model = super().revert(model)
+        model = super().revert(_revert_norm_acts(model))
         for name, module in model.named_modules():
             if name in frozen:  # a frozen norm="sync_bn" layer that Lightning's revert replaced
                 module._resbone_frozen = True
                 module.eval()
         return model
+
+
+def _revert_norm_acts(module: nn.Module) -> nn.Module:
+    """timm's `SyncBatchNormAct` -> `BatchNormAct2d` with the same parameters, statistics and activation."""
+    if isinstance(module, SyncBatchNormAct):
+        reverted = BatchNormAct2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            apply_act=False,
+        )  # fmt: skip
+        reverted.act, reverted.drop = module.act, module.drop
+        if module.affine:
+            reverted.weight, reverted.bias = module.weight, module.bias
+        reverted.running_mean, reverted.running_var = module.running_mean, module.running_var
+        reverted.num_batches_tracked = module.num_batches_tracked
+        return reverted.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, _revert_norm_acts(child))
+    return module
 
 
 def prepare_sync_batchnorm(trainer: Trainer, model: nn.Module) -> None:
@@ -137,7 +162,7 @@ def count_batch_norms(model: nn.Module) -> tuple[int, int]:
     """(batch norms that use batch statistics in training, frozen ones) of `model`."""
     trainable = frozen = 0
     for module in model.modules():
-        if isinstance(module, FrozenBatchNorm2d) or getattr(module, "_resbone_frozen", False):
+        if isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d)) or getattr(module, "_resbone_frozen", False):
             frozen += 1
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             trainable += 1

@@ -126,3 +126,35 @@ def test_blocks_that_cannot_be_fused_are_left_alone():
     fuse_activations(unfolded)
     assert not any(isinstance(m, FusedResidualBlock) for m in unfolded.modules())
     assert sum(isinstance(m, nn.ReLU) for m in unfolded.modules()) == 9
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch is built without oneDNN")
+def test_private_onednn_ops_work_as_we_call_them():
+    # Pins what FusedConv2d relies on: a torch whose oneDNN ops are gone, take other arguments or compute
+    # something else fails here (and FusedConv2d falls back to F.conv2d) instead of in a user's run.
+    from backbones.cpu_conv import _check_cpu_kernels
+
+    assert hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    assert hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+    assert _check_cpu_kernels()
+    assert cpu_kernels_available()
+
+
+def test_broken_onednn_ops_fall_back_to_the_public_path(monkeypatch):
+    import backbones.cpu_conv as cpu_conv
+
+    def changed_signature(*args, **kwargs):
+        raise RuntimeError("mkldnn::_convolution_pointwise() expected at most 9 argument(s)")
+
+    monkeypatch.setattr(cpu_conv, "_fused_conv", changed_signature)
+    cpu_kernels_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="using F.conv2d, add and relu instead"):
+            assert not cpu_kernels_available()
+        conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+        fused = FusedConv2d.from_conv(conv, activation="relu")
+        x, residual = torch.randn(1, 8, 10, 10), torch.randn(1, 8, 10, 10)
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(x, residual), reference(conv, x, residual, "relu"))
+    finally:
+        cpu_kernels_available.cache_clear()

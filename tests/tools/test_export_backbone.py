@@ -52,7 +52,7 @@ def test_export_feeds_detection_with_the_pretrained_features(pretrained, tmp_pat
     backbone = create_backbone("resnet18", weights=str(output)).eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        expected = task.model.forward_features(x)  # the pretrained network itself, eval mode
+        expected = task.model.forward_feature_maps(x)  # the pretrained network itself, eval mode
         from_detector = detector.backbone.body(x)
         from_backbone = backbone(x)
     assert list(from_detector) == ["c2", "c3", "c4", "c5"]

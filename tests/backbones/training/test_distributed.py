@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
@@ -159,3 +160,21 @@ def test_batch_scaled_lr():
         batch_scaled_lr(0.02, 0, two_nodes)
     with pytest.raises(ValueError, match="needs the per-device batch_size"):
         batch_scaled_lr(0.02, 16, _stub_trainer())
+
+
+def test_frozen_aware_sync_batchnorm_keeps_timm_norm_act_layers_both_ways():
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    torch.manual_seed(0)
+    model = create_backbone("timm/regnetx_002").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        synced = FrozenAwareSyncBatchNorm().apply(model).eval()
+        assert not any(type(m) is nn.SyncBatchNorm for m in synced.modules())  # each one kept its activation
+        assert any(isinstance(m, SyncBatchNormAct) for m in synced.modules())
+        reverted = FrozenAwareSyncBatchNorm().revert(synced).eval()
+        assert not any(isinstance(m, nn.SyncBatchNorm) for m in reverted.modules())
+        assert any(type(m) is BatchNormAct2d for m in reverted.modules())
+        for name, value in reverted(x).items():
+            torch.testing.assert_close(value, expected[name])
