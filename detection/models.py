@@ -38,12 +38,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r50_fpn_v2": dict(architecture="faster_rcnn", backbone="resnet50", neck="fpn", head="v2", norm="bn"),
     "mask_rcnn_r50_fpn": dict(architecture="mask_rcnn", backbone="resnet50", neck="fpn", head="v1"),
     "mask_rcnn_r50_fpn_v2": dict(architecture="mask_rcnn", backbone="resnet50", neck="fpn", head="v2", norm="bn"),
+    # detectron2's DC5 (Base-RCNN-DilatedC5.yaml): every res5 block dilated by 2 (stride 16), RPN and RoI heads
+    # on that one map; box head 2 fc of 1024 on 7x7 RoIAlign of the 2048-channel C5; mask head 4 convs of 256
+    # on 14x14 RoIAlign; RPN keeps 12000/2000 proposals before/after NMS in training, 6000/1000 in test.
     "faster_rcnn_r50_dc5": dict(architecture="faster_rcnn", backbone="resnet50", neck="dc5", head="v1"),
     "mask_rcnn_r50_dc5": dict(architecture="mask_rcnn", backbone="resnet50", neck="dc5", head="v1"),
     "faster_rcnn_r101_fpn": dict(architecture="faster_rcnn", backbone="resnet101", neck="fpn", head="v1"),
     "mask_rcnn_r101_fpn": dict(architecture="mask_rcnn", backbone="resnet101", neck="fpn", head="v1"),
     "faster_rcnn_r18_fpn": dict(architecture="faster_rcnn", backbone="resnet18", neck="fpn", head="v1"),
     "mask_rcnn_r18_fpn": dict(architecture="mask_rcnn", backbone="resnet18", neck="fpn", head="v1"),
+}
+
+# torchvision settings each neck implies, under the user's: the FPN keeps torchvision's defaults (the
+# pre-NMS count is per level); DC5 has one map, so detectron2's DC5 counts hold for the whole image.
+NECK_DEFAULTS: dict[str, dict[str, int]] = {
+    "fpn": {},
+    "dc5": dict(
+        rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,
+        rpn_post_nms_top_n_test=1000,
+    ),
 }
 
 # Keys of the class-specific layers: left as initialised when a checkpoint has another number of classes.
@@ -68,6 +81,8 @@ def _neck(
         module = FPN(body, out_channels=fpn_channels, top_block="maxpool", norm=fpn_norm)
         roi_features = [info.name for info in module.feature_info[:-1]]  # p2..p5; p6 feeds the RPN only
     else:  # dc5: C5 with dilation instead of the last stride, no FPN (detectron2's DC5)
+        if not backbone.startswith("timm/"):  # timm models keep their own dilation pattern
+            backbone_kwargs = dict(dilate_first_block=True, **backbone_kwargs)  # detectron2 dilates all of res5
         module = create_backbone(
             backbone, weights=backbone_weights, out_indices=(4,), output_stride=16, norm=norm,
             frozen_stages=frozen_stages, **backbone_kwargs,
@@ -99,6 +114,7 @@ def build_model(
     frozen_stages: int | None = None,
     fpn_norm: str | None = None,
     fpn_channels: int = 256,
+    head_channels: int | None = None,
     head_norm: str = "bn",
     box_head_dim: int = 1024,
     mask_head_convs: int = 4,
@@ -124,8 +140,11 @@ def build_model(
             (the stem and first stage frozen, detectron2's and torchvision's practice); from scratch
             "bn" and -1.
         fpn_norm: norm inside the FPN (default: none for v1, "bn" for v2 as torchvision).
-        fpn_channels: channels of the FPN outputs and of every head's convs (detectron2's
-            FPN.OUT_CHANNELS); 256 as torchvision. Smaller is much cheaper for small data.
+        fpn_channels: channels of the FPN outputs (detectron2's FPN.OUT_CHANNELS); 256 as
+            torchvision. Smaller is much cheaper for small data.
+        head_channels: width of the mask head's convs and upsampling and of the v2 box head's convs
+            (detectron2's CONV_DIM); default `fpn_channels`. With dc5 the heads read the 2048-channel
+            C5 and reduce it to this width in their first conv, as detectron2.
         box_head_dim: width of the box head's fully connected layers (1024, detectron2's FC_DIM).
         mask_head_convs: 3x3 convs of the mask head before its upsampling (4, detectron2's NUM_CONV).
         roi_sampling_ratio: bilinear samples per RoIAlign bin side (torchvision's 2; 0 = adaptive).
@@ -159,6 +178,7 @@ def build_model(
     num_levels = len(body.feature_info)
     anchor_generator = _anchors(num_levels, anchor_sizes, aspect_ratios)
     channels = body.out_channels
+    head_channels = fpn_channels if head_channels is None else head_channels
     parts: dict[str, Any] = dict(
         rpn_anchor_generator=anchor_generator,
         box_roi_pool=MultiScaleRoIAlign(roi_features, output_size=7, sampling_ratio=roi_sampling_ratio),
@@ -167,7 +187,7 @@ def build_model(
     if head_name == "v2":
         parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
         parts["box_head"] = FastRCNNConvFCHead(
-            (channels, 7, 7), [channels] * 4, [box_head_dim], norm_layer=head_norm_layer
+            (channels, 7, 7), [head_channels] * 4, [box_head_dim], norm_layer=head_norm_layer
         )
     else:
         parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
@@ -176,11 +196,10 @@ def build_model(
     if settings["architecture"] == "mask_rcnn":
         parts["mask_roi_pool"] = MultiScaleRoIAlign(roi_features, output_size=14, sampling_ratio=roi_sampling_ratio)
         mask_norm = head_norm_layer if head_name == "v2" else None
-        parts["mask_head"] = MaskRCNNHeads(channels, [channels] * mask_head_convs, 1, norm_layer=mask_norm)
-        parts["mask_predictor"] = MaskRCNNPredictor(channels, channels, num_classes)
-        model = MaskRCNN(body, **parts, **overrides)
-    else:
-        model = FasterRCNN(body, **parts, **overrides)
+        parts["mask_head"] = MaskRCNNHeads(channels, [head_channels] * mask_head_convs, 1, norm_layer=mask_norm)
+        parts["mask_predictor"] = MaskRCNNPredictor(head_channels, head_channels, num_classes)
+    detector = MaskRCNN if settings["architecture"] == "mask_rcnn" else FasterRCNN
+    model = detector(body, **parts, **{**NECK_DEFAULTS[neck_name], **overrides})
     model.transform._skip_resize = not resize_in_training
     if weights is not None:
         load_detector_weights(model, weights, fresh_heads=fresh_heads)
