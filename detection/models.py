@@ -13,12 +13,15 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import create_backbone, get_norm_layer, load_weights
@@ -61,6 +64,43 @@ NECK_DEFAULTS: dict[str, dict[str, int]] = {
 
 # Keys of the class-specific layers: left as initialised when a checkpoint has another number of classes.
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision's box coder, decoding in float32 whatever the autocast dtype.
+
+    Under bf16/fp16 autocast the regression comes out in half precision and torchvision decodes in
+    its dtype: proposals and boxes at 256-512 px would snap to a 2 px grid (bf16 keeps 8 bits).
+    """
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        with torch.autocast(rel_codes.device.type, enabled=False):
+            return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
+class Float32Transform(GeneralizedRCNNTransform):
+    """torchvision's transform, whose eval `postprocess` (box rescaling, mask pasting) runs in float32."""
+
+    def postprocess(
+        self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:  # fmt: skip
+        if self.training or not result:
+            return result
+        result = [{k: v.float() if v.is_floating_point() else v for k, v in r.items()} for r in result]
+        with torch.autocast(result[0]["boxes"].device.type, enabled=False):
+            return super().postprocess(result, image_shapes, original_image_sizes)
+
+
+def _decode_in_float32(model: FasterRCNN, *, resize_in_training: bool) -> None:
+    """Mixed precision runs the network in bf16/fp16, never the box arithmetic (fp32 results are unchanged)."""
+    for part in (model.rpn, model.roi_heads):
+        part.box_coder = Float32BoxCoder(part.box_coder.weights, part.box_coder.bbox_xform_clip)
+    t = model.transform
+    model.transform = Float32Transform(
+        t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible, fixed_size=t.fixed_size,
+        _skip_resize=not resize_in_training,
+    )  # fmt: skip
 
 
 def _choice(value: str, allowed: Sequence[str], what: str) -> str:
@@ -200,7 +240,7 @@ def build_model(
         parts["mask_predictor"] = MaskRCNNPredictor(head_channels, head_channels, num_classes)
     detector = MaskRCNN if settings["architecture"] == "mask_rcnn" else FasterRCNN
     model = detector(body, **parts, **{**NECK_DEFAULTS[neck_name], **overrides})
-    model.transform._skip_resize = not resize_in_training
+    _decode_in_float32(model, resize_in_training=resize_in_training)
     if weights is not None:
         load_detector_weights(model, weights, fresh_heads=fresh_heads)
     return model

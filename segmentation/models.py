@@ -82,9 +82,11 @@ class DeepLabV3(nn.Module):
         """Returns `out` (N, num_classes, H, W) and, with an aux head, `aux` of the same shape."""
         size = x.shape[-2:]
         features = self.backbone(x)
-        result = OrderedDict(out=_upsample(self.classify(features), size))
+        # logits leave the network in float32 under bf16/fp16 autocast too: upsampled (and later
+        # arg-maxed) in half precision, close classes would tie and the border would blur
+        result = OrderedDict(out=_upsample(self.classify(features).float(), size))
         if self.aux_classifier is not None:
-            result["aux"] = _upsample(self.aux_classifier(features[self.aux_feature]), size)
+            result["aux"] = _upsample(self.aux_classifier(features[self.aux_feature]).float(), size)
         return result
 
     def classify(self, features: dict[str, Tensor]) -> Tensor:

@@ -139,3 +139,14 @@ def test_unknown_name_lists_the_choices():
     with pytest.raises(ValueError, match="deeplabv3plus_r50"):
         build_model("deeplab_v3", num_classes=2)
     assert {"deeplabv3_r50", "deeplabv3_r101", "deeplabv3plus_r50", "deeplabv3plus_r101"} <= set(PRESETS)
+
+
+def test_logits_are_float32_under_bf16_autocast():
+    """The network may run in bf16; the logits are upsampled (and later arg-maxed) in float32."""
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus_r18", num_classes=NUM_CLASSES, output_stride=16, aux_loss=True).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(torch.randn(1, 3, 64, 64))
+    for key in ("out", "aux"):
+        assert output[key].dtype == torch.float32, key
+        assert (output[key] != output[key].bfloat16().float()).any(), key  # upsampled in float32, not on bf16's grid
