@@ -9,8 +9,9 @@ head independently:
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,10 +27,11 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import create_backbone, get_norm_layer, load_weights
 from backbones.fpn import FPN
+from backbones.registry import UnknownNameError, backbone_options, check_options, closest_names
 
 from .weights_table import DETECTION_WEIGHTS
 
-__all__ = ["build_model", "PRESETS", "ARCHITECTURES", "NECKS", "HEADS"]
+__all__ = ["build_model", "check_build_args", "PRESETS", "ARCHITECTURES", "NECKS", "HEADS", "TORCHVISION_OPTIONS"]
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn")
 NECKS = ("fpn", "dc5")
@@ -61,6 +63,16 @@ NECK_DEFAULTS: dict[str, dict[str, int]] = {
         rpn_post_nms_top_n_test=1000,
     ),
 }
+
+# torchvision's FasterRCNN/MaskRCNN (and transform) arguments that build_model passes on; it builds the parts
+# (anchor generator, RoI pools, heads, predictors) itself. Anything else is an error: torchvision would swallow it.
+TORCHVISION_OPTIONS = frozenset(
+    (set(inspect.signature(MaskRCNN).parameters) | set(inspect.signature(GeneralizedRCNNTransform).parameters))
+    - {"backbone", "num_classes", "kwargs", "rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head",
+       "box_predictor", "mask_roi_pool", "mask_head", "mask_predictor"}
+)  # fmt: skip
+# backbone options the detector sets itself (`norm` and `frozen_stages` are build_model's own)
+_SET_BY_BUILDER = frozenset({"features_only", "num_classes", "out_indices", "output_stride", "norm", "frozen_stages"})
 
 # Keys of the class-specific layers: left as initialised when a checkpoint has another number of classes.
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
@@ -122,7 +134,7 @@ def _neck(
         roi_features = [info.name for info in module.feature_info[:-1]]  # p2..p5; p6 feeds the RPN only
     else:  # dc5: C5 with dilation instead of the last stride, no FPN (detectron2's DC5)
         if not backbone.startswith("timm/"):  # timm models keep their own dilation pattern
-            backbone_kwargs = dict(dilate_first_block=True, **backbone_kwargs)  # detectron2 dilates all of res5
+            backbone_kwargs = {"dilate_first_block": True, **backbone_kwargs}  # detectron2 dilates all of res5
         module = create_backbone(
             backbone, weights=backbone_weights, out_indices=(4,), output_stride=16, norm=norm,
             frozen_stages=frozen_stages, **backbone_kwargs,
@@ -192,13 +204,12 @@ def build_model(
         fresh_heads: with `weights` of another number of classes, load everything but the
             class-specific layers (`HEAD_PREFIXES`), which keep their fresh initialisation
             (fine-tuning, e.g. from COCO to a new dataset); without it such weights are an error.
-        **overrides: passed to torchvision's FasterRCNN/MaskRCNN (min_size, max_size,
-            rpn_pre_nms_top_n_train, box_batch_size_per_image, box_detections_per_img, ...).
+        backbone_kwargs: more options of the backbone (`backbones.registry.backbone_options(name)`).
+        **overrides: passed to torchvision's FasterRCNN/MaskRCNN: one of `TORCHVISION_OPTIONS`
+            (min_size, max_size, rpn_pre_nms_top_n_train, box_batch_size_per_image,
+            box_detections_per_img, ...); any other name is an error naming the closest.
     """
-    settings = dict(PRESETS.get(name, {}))
-    if not settings:
-        settings["architecture"] = _choice(name, ARCHITECTURES + tuple(PRESETS), "name")
-        settings.update(backbone="resnet50", neck="fpn", head="v1")
+    settings = check_build_args(name, dict(overrides, backbone=backbone, backbone_kwargs=backbone_kwargs))
     settings.update({k: v for k, v in dict(backbone=backbone, neck=neck, head=head).items() if v is not None})
     neck_name = _choice(settings["neck"], NECKS, "neck")
     head_name = _choice(settings["head"], HEADS, "head")
@@ -244,6 +255,34 @@ def build_model(
     if weights is not None:
         load_detector_weights(model, weights, fresh_heads=fresh_heads)
     return model
+
+
+BUILD_OPTIONS = frozenset(inspect.signature(build_model).parameters) - {"name", "overrides"}
+_WHERE = "detection.build_model's arguments and detection.models.TORCHVISION_OPTIONS"
+
+
+def check_build_args(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Checks a model name and `build_model` options without building anything; returns the preset.
+
+    Raises:
+        UnknownNameError: `name` is neither a preset nor an architecture, an option is neither an
+            argument of `build_model` nor of torchvision's detector (`TORCHVISION_OPTIONS`), or a
+            `backbone_kwargs` key is not an option of the backbone; each names the closest.
+    """
+    options = dict(options or {})
+    settings = dict(PRESETS.get(name, {}))
+    if not settings:
+        if name not in ARCHITECTURES:
+            hint = closest_names(name, [*ARCHITECTURES, *PRESETS])
+            raise UnknownNameError(f"unknown detection model {name!r}{hint} (the presets: detection.PRESETS)")
+        settings = dict(architecture=name, backbone="resnet50", neck="fpn", head="v1")
+    check_options(options, BUILD_OPTIONS | TORCHVISION_OPTIONS, where=_WHERE)
+    backbone = options.get("backbone") or settings["backbone"]
+    allowed = backbone_options(backbone)
+    if allowed is not None:
+        where = f"backbones.registry.backbone_options({backbone!r})"
+        check_options(options.get("backbone_kwargs") or {}, allowed - _SET_BY_BUILDER, where=where)
+    return settings
 
 
 def load_detector_weights(model: nn.Module, weights: str, *, fresh_heads: bool = False) -> None:

@@ -19,7 +19,7 @@ from backbones.training import (
 )
 
 from .evaluation import COCOEvaluator
-from .models import PRESETS, build_model
+from .models import PRESETS, build_model, check_build_args
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class DetectionTask(L.LightningModule):
         channels_last: bool = False,
     ):
         super().__init__()
+        check_build_args(model, model_options)  # a misspelt name fails now, not after the data is read
         self.save_hyperparameters()
         self.model = self._build(num_classes) if num_classes is not None else None
         self.evaluator: COCOEvaluator | None = None

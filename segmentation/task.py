@@ -21,7 +21,7 @@ from backbones.training import (
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
-from .models import build_model
+from .models import build_model, check_build_args
 from .transforms import IGNORE_INDEX
 
 
@@ -80,6 +80,7 @@ class SegmentationTask(L.LightningModule):
         channels_last: bool = False,
     ):
         super().__init__()
+        check_build_args(model, dict(model_options or {}, backbone=backbone))  # misspelt names fail now, not later
         self.save_hyperparameters()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)

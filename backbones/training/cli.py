@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+from backbones.registry import UnknownNameError
 
 
 class _CLI(LightningCLI):
@@ -39,13 +42,21 @@ def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
 def run_cli(
     task: type[L.LightningModule], datamodule: type[L.LightningDataModule], args: list[str] | None = None, run: bool = True
 ) -> LightningCLI:
-    """`fit/validate/test/predict` from a YAML config; the data module is chosen by `class_path`."""
-    return _CLI(
-        task,
-        datamodule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """`fit/validate/test/predict` from a YAML config; the data module is chosen by `class_path`.
+
+    A misspelt model, backbone or option name in the config ends the run with one line, `<tool>: error:
+    <message naming the closest names>`, and exit status 2, as a command-line error would.
+    """
+    try:
+        return _CLI(
+            task,
+            datamodule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    except UnknownNameError as error:  # the user's typo: its message says all, a traceback would bury it
+        print(f"{Path(sys.argv[0]).stem}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from backbones import WeightsError
 from backbones.layers import FrozenBatchNorm2d as OurFrozenBN
-from detection.models import build_model, load_detector_weights
+from detection.models import build_model, check_build_args, load_detector_weights
 
 SMALL = dict(min_size=128, max_size=160)
 
@@ -179,3 +179,26 @@ def test_checkpoint_with_other_classes(tmp_path):
     load_detector_weights(target, str(path), fresh_heads=True)  # fine-tuning: everything but the heads
     torch.testing.assert_close(target.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
     torch.testing.assert_close(target.rpn.head.cls_logits.weight, source.rpn.head.cls_logits.weight)
+
+
+@pytest.mark.parametrize(
+    "options, key, closest, where",
+    [
+        (dict(min_sise=128), "'min_sise'", "min_size", "TORCHVISION_OPTIONS"),  # torchvision would swallow it
+        (dict(fpn_chanels=64), "'fpn_chanels'", "fpn_channels", "TORCHVISION_OPTIONS"),
+        (dict(backbone_kwargs=dict(drop_path_rat=0.1)), "'drop_path_rat'", "drop_path_rate", "backbone_options"),
+    ],
+)
+def test_unknown_options_name_the_closest(options, key, closest, where):
+    with pytest.raises(ValueError) as error:
+        build_model("mask_rcnn_r18_fpn", num_classes=3, **options)
+    assert f"unknown option {key}; closest: {closest}" in str(error.value) and where in str(error.value)
+    check_build_args("mask_rcnn_r18_fpn", dict(min_size=128, backbone_kwargs=dict(drop_path_rate=0.1)))  # valid
+
+
+def test_misspelt_preset_gives_one_line_with_the_closest():
+    with pytest.raises(ValueError) as error:
+        build_model("mask_rcnn_r18_fnp", num_classes=3)
+    message = str(error.value)
+    assert message.startswith("unknown detection model 'mask_rcnn_r18_fnp'; closest: mask_rcnn_r18_fpn")
+    assert "\n" not in message and "detection.PRESETS" in message
