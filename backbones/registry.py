@@ -14,7 +14,7 @@ from torch import nn
 
 __all__ = [
     "register_backbone", "list_backbones", "create_backbone", "create_model", "backbone_options", "check_options",
-    "closest_names", "UnknownNameError", "ENTRY_POINT_GROUP",
+    "check_name", "closest_names", "UnknownNameError", "ENTRY_POINT_GROUP",
 ]  # fmt: skip
 
 ENTRY_POINT_GROUP = "resbone.backbones"
@@ -41,6 +41,13 @@ def closest_names(name: str, choices: Iterable[str], *, otherwise: str = "choose
     choices = sorted(choices)
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
     return f"; closest: {', '.join(close)}" if close else f"; {otherwise}: {', '.join(choices)}"
+
+
+def check_name(name: str, choices: Iterable[str], *, what: str, where: str) -> None:
+    """Raises `UnknownNameError` when `name` is not among `choices`: `unknown <what> 'x'; closest: ... (<where>)`."""
+    choices = list(choices)
+    if name not in choices:
+        raise UnknownNameError(f"unknown {what} {name!r}{closest_names(name, choices)} ({where})")
 
 
 def check_options(options: Iterable[str], allowed: Iterable[str], *, where: str) -> None:

@@ -27,7 +27,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import create_backbone, get_norm_layer, load_weights
 from backbones.fpn import FPN
-from backbones.registry import UnknownNameError, backbone_options, check_options, closest_names
+from backbones.registry import backbone_options, check_name, check_options
 
 from .weights_table import DETECTION_WEIGHTS
 
@@ -270,12 +270,8 @@ def check_build_args(name: str, options: Mapping[str, Any] | None = None) -> dic
             `backbone_kwargs` key is not an option of the backbone; each names the closest.
     """
     options = dict(options or {})
-    settings = dict(PRESETS.get(name, {}))
-    if not settings:
-        if name not in ARCHITECTURES:
-            hint = closest_names(name, [*ARCHITECTURES, *PRESETS])
-            raise UnknownNameError(f"unknown detection model {name!r}{hint} (the presets: detection.PRESETS)")
-        settings = dict(architecture=name, backbone="resnet50", neck="fpn", head="v1")
+    check_name(name, [*ARCHITECTURES, *PRESETS], what="detection model", where="the presets: detection.PRESETS")
+    settings = dict(PRESETS.get(name, {})) or dict(architecture=name, backbone="resnet50", neck="fpn", head="v1")
     check_options(options, BUILD_OPTIONS | TORCHVISION_OPTIONS, where=_WHERE)
     backbone = options.get("backbone") or settings["backbone"]
     allowed = backbone_options(backbone)

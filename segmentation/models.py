@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from backbones import create_backbone, load_weights
-from backbones.registry import UnknownNameError, backbone_options, check_options, closest_names
+from backbones.registry import backbone_options, check_name, check_options
 from backbones.weights_table import WeightsSpec
 
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
@@ -120,18 +120,15 @@ def check_build_args(name: str, options: Mapping[str, Any] | None = None) -> dic
             argument of `build_model` nor an option of the backbone; each names the closest.
     """
     options = dict(options or {})
-    settings = dict(PRESETS.get(name, {}))
-    if not settings:
-        if name not in ARCHITECTURES:
-            hint = closest_names(name, [*ARCHITECTURES, *PRESETS])
-            raise UnknownNameError(f"unknown segmentation model {name!r}{hint} (the presets: segmentation.PRESETS)")
-        settings = dict(architecture=name, backbone="resnet50")
+    check_name(name, [*ARCHITECTURES, *PRESETS], what="segmentation model", where="the presets: segmentation.PRESETS")
+    settings = dict(PRESETS.get(name, {})) or dict(architecture=name, backbone="resnet50")
     if options.get("backbone") is not None:
         settings["backbone"] = options["backbone"]
-    backbone = backbone_options(settings["backbone"])  # None: a timm model or a builder taking any option
-    if backbone is not None:
-        where = f"segmentation.build_model's arguments and backbones.registry.backbone_options({settings['backbone']!r})"
-        check_options(options, BUILD_OPTIONS | (backbone - _SET_BY_BUILDER), where=where)
+    backbone = settings["backbone"]
+    allowed = backbone_options(backbone)  # None: a timm model or a builder taking any option
+    if allowed is not None:
+        where = f"segmentation.build_model's arguments and backbones.registry.backbone_options({backbone!r})"
+        check_options(options, BUILD_OPTIONS | (allowed - _SET_BY_BUILDER), where=where)
     return settings
 
 

