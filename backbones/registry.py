@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 
 from torch import nn
 
-__all__ = ["register_backbone", "list_backbones", "create_backbone", "create_model", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "register_backbone", "list_backbones", "create_backbone", "create_model", "backbone_options", "check_options",
+    "check_name", "closest_names", "UnknownNameError", "ENTRY_POINT_GROUP",
+]  # fmt: skip
 
 ENTRY_POINT_GROUP = "resbone.backbones"
 TIMM_PREFIX = "timm/"
@@ -19,6 +23,39 @@ TIMM_PREFIX = "timm/"
 # name -> builder(*, features_only, num_classes, out_indices, output_stride, norm, frozen_stages, ...) -> nn.Module
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _plugins_loaded = False
+
+
+class UnknownNameError(KeyError, ValueError):
+    """A name or option that is not among the allowed ones; the message names the closest.
+
+    A KeyError for the registry's callers, a ValueError for the builders', and printed as its
+    message (a KeyError would print quoted).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def closest_names(name: str, choices: Iterable[str], *, otherwise: str = "choose one of") -> str:
+    """The hint of an unknown-name error: `"; closest: a, b"` (difflib), or all choices when none is close."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    return f"; closest: {', '.join(close)}" if close else f"; {otherwise}: {', '.join(choices)}"
+
+
+def check_name(name: str, choices: Iterable[str], *, what: str, where: str) -> None:
+    """Raises `UnknownNameError` when `name` is not among `choices`: `unknown <what> 'x'; closest: ... (<where>)`."""
+    choices = list(choices)
+    if name not in choices:
+        raise UnknownNameError(f"unknown {what} {name!r}{closest_names(name, choices)} ({where})")
+
+
+def check_options(options: Iterable[str], allowed: Iterable[str], *, where: str) -> None:
+    """Raises `UnknownNameError` for the first of `options` not in `allowed`; `where` says where the list is."""
+    allowed = set(allowed)
+    for key in options:
+        if key not in allowed:
+            raise UnknownNameError(f"unknown option {key!r}{closest_names(key, allowed)} (the options: {where})")
 
 
 def register_backbone(name: str | None = None) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -79,9 +116,8 @@ def list_backbones(pattern: str | None = None) -> list[str]:
 def _builder(name: str) -> Callable[..., nn.Module]:
     load_plugins()
     if name not in _BUILDERS:
-        close = difflib.get_close_matches(name, list(_BUILDERS), n=5, cutoff=0.5)
-        hint = f"; closest: {', '.join(close)}" if close else f"; registered: {', '.join(sorted(_BUILDERS))}"
-        raise KeyError(f"unknown backbone {name!r}{hint} (or use 'timm/<model>' for any timm model)")
+        hint = closest_names(name, _BUILDERS, otherwise="registered")
+        raise UnknownNameError(f"unknown backbone {name!r}{hint} (or use 'timm/<model>' for any timm model)")
     return _BUILDERS[name]
 
 
@@ -92,6 +128,17 @@ def _split_tag(name: str, weights: str | None) -> tuple[str, str | None]:
             raise ValueError(f"name {name!r} carries a weights tag and weights={weights!r} was given too")
         return name.split(".", 1)[0], name
     return name, weights
+
+
+def backbone_options(name: str) -> frozenset[str] | None:
+    """The keyword options the builder of `name` takes; None when it takes any (`**kwargs`, timm models)."""
+    name, _ = _split_tag(name, None)
+    if name.startswith(TIMM_PREFIX):
+        return None
+    parameters = inspect.signature(_builder(name)).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def create_backbone(

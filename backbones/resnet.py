@@ -42,6 +42,7 @@ def make_stages(
     in_channels: int,
     output_stride: int = 32,
     multi_grid: Sequence[int] | None = None,
+    dilate_first_block: bool = False,
     avg_down: bool = False,
     norm_layer: NormLayer,
     drop_path_rate: float = 0.0,
@@ -52,6 +53,7 @@ def make_stages(
     Strides past `output_stride` turn into dilation; the first block of a dilated stage keeps the
     previous dilation, the others take the new one (torchvision's `replace_stride_with_dilation`
     and timm's `output_stride`). `multi_grid` multiplies the dilations of the last stage's blocks.
+    `dilate_first_block` gives the first block the new dilation too (detectron2's RES5_DILATION, DC5).
     """
     stages, infos = [], []
     total_blocks, block_index = sum(layers), 0
@@ -81,7 +83,7 @@ def make_stages(
         blocks = []
         for i in range(num_blocks):
             block_dilation = dilation * grid[i] if grid else dilation
-            first_dilation = block_dilation if (grid or i > 0) else prev_dilation
+            first_dilation = block_dilation if (grid or i > 0 or dilate_first_block) else prev_dilation
             blocks.append(
                 block(
                     in_channels,
@@ -154,6 +156,7 @@ class ResNet(Backbone):
         se: bool = False,
         output_stride: int = 32,
         multi_grid: Sequence[int] | None = None,
+        dilate_first_block: bool = False,
         norm: str | NormLayer = "bn",
         frozen_stages: int = -1,
         zero_init_last: bool = False,
@@ -178,6 +181,7 @@ class ResNet(Backbone):
             in_channels=64,
             output_stride=output_stride,
             multi_grid=multi_grid,
+            dilate_first_block=dilate_first_block,
             avg_down=avg_down,
             norm_layer=norm_layer,
             drop_path_rate=drop_path_rate,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 from .blocks import BasicBlock, Bottleneck, PreActBottleneck
@@ -40,5 +41,12 @@ def _build(block, depth: int, options: dict, **kwargs) -> ResNet:
     return ResNet(block=block, layers=_DEPTHS[depth], **{**options, **kwargs})
 
 
+# A builder shows ResNet's keyword arguments (less block and layers), so callers can check option names.
+_SIGNATURE = inspect.Signature(
+    [p for name, p in inspect.signature(ResNet).parameters.items() if name not in ("block", "layers")]
+)
+
 for _name, (_block, _depth, _options) in VARIANTS.items():
-    register_backbone(_name)(partial(_build, _block, _depth, _options))
+    _builder = partial(_build, _block, _depth, _options)
+    _builder.__signature__ = _SIGNATURE
+    register_backbone(_name)(_builder)

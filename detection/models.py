@@ -9,24 +9,29 @@ head independently:
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import create_backbone, get_norm_layer, load_weights
 from backbones.fpn import FPN
+from backbones.registry import backbone_options, check_name, check_options
 
 from .weights_table import DETECTION_WEIGHTS
 
-__all__ = ["build_model", "PRESETS", "ARCHITECTURES", "NECKS", "HEADS"]
+__all__ = ["build_model", "check_build_args", "PRESETS", "ARCHITECTURES", "NECKS", "HEADS", "TORCHVISION_OPTIONS"]
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn")
 NECKS = ("fpn", "dc5")
@@ -38,6 +43,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r50_fpn_v2": dict(architecture="faster_rcnn", backbone="resnet50", neck="fpn", head="v2", norm="bn"),
     "mask_rcnn_r50_fpn": dict(architecture="mask_rcnn", backbone="resnet50", neck="fpn", head="v1"),
     "mask_rcnn_r50_fpn_v2": dict(architecture="mask_rcnn", backbone="resnet50", neck="fpn", head="v2", norm="bn"),
+    # detectron2's DC5 (Base-RCNN-DilatedC5.yaml): every res5 block dilated by 2 (stride 16), RPN and RoI heads
+    # on that one map; box head 2 fc of 1024 on 7x7 RoIAlign of the 2048-channel C5; mask head 4 convs of 256
+    # on 14x14 RoIAlign; RPN keeps 12000/2000 proposals before/after NMS in training, 6000/1000 in test.
     "faster_rcnn_r50_dc5": dict(architecture="faster_rcnn", backbone="resnet50", neck="dc5", head="v1"),
     "mask_rcnn_r50_dc5": dict(architecture="mask_rcnn", backbone="resnet50", neck="dc5", head="v1"),
     "faster_rcnn_r101_fpn": dict(architecture="faster_rcnn", backbone="resnet101", neck="fpn", head="v1"),
@@ -46,8 +54,65 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mask_rcnn_r18_fpn": dict(architecture="mask_rcnn", backbone="resnet18", neck="fpn", head="v1"),
 }
 
+# torchvision settings each neck implies, under the user's: the FPN keeps torchvision's defaults (the
+# pre-NMS count is per level); DC5 has one map, so detectron2's DC5 counts hold for the whole image.
+NECK_DEFAULTS: dict[str, dict[str, int]] = {
+    "fpn": {},
+    "dc5": dict(
+        rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,
+        rpn_post_nms_top_n_test=1000,
+    ),
+}
+
+# torchvision's FasterRCNN/MaskRCNN (and transform) arguments that build_model passes on; it builds the parts
+# (anchor generator, RoI pools, heads, predictors) itself. Anything else is an error: torchvision would swallow it.
+TORCHVISION_OPTIONS = frozenset(
+    (set(inspect.signature(MaskRCNN).parameters) | set(inspect.signature(GeneralizedRCNNTransform).parameters))
+    - {"backbone", "num_classes", "kwargs", "rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head",
+       "box_predictor", "mask_roi_pool", "mask_head", "mask_predictor"}
+)  # fmt: skip
+# backbone options the detector sets itself (`norm` and `frozen_stages` are build_model's own)
+_SET_BY_BUILDER = frozenset({"features_only", "num_classes", "out_indices", "output_stride", "norm", "frozen_stages"})
+
 # Keys of the class-specific layers: left as initialised when a checkpoint has another number of classes.
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision's box coder, decoding in float32 whatever the autocast dtype.
+
+    Under bf16/fp16 autocast the regression comes out in half precision and torchvision decodes in
+    its dtype: proposals and boxes at 256-512 px would snap to a 2 px grid (bf16 keeps 8 bits).
+    """
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        with torch.autocast(rel_codes.device.type, enabled=False):
+            return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
+class Float32Transform(GeneralizedRCNNTransform):
+    """torchvision's transform, whose eval `postprocess` (box rescaling, mask pasting) runs in float32."""
+
+    def postprocess(
+        self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:  # fmt: skip
+        if self.training or not result:
+            return result
+        result = [{k: v.float() if v.is_floating_point() else v for k, v in r.items()} for r in result]
+        with torch.autocast(result[0]["boxes"].device.type, enabled=False):
+            return super().postprocess(result, image_shapes, original_image_sizes)
+
+
+def _decode_in_float32(model: FasterRCNN, *, resize_in_training: bool) -> None:
+    """Mixed precision runs the network in bf16/fp16, never the box arithmetic (fp32 results are unchanged)."""
+    for part in (model.rpn, model.roi_heads):
+        part.box_coder = Float32BoxCoder(part.box_coder.weights, part.box_coder.bbox_xform_clip)
+    t = model.transform
+    model.transform = Float32Transform(
+        t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible, fixed_size=t.fixed_size,
+        _skip_resize=not resize_in_training,
+    )  # fmt: skip
 
 
 def _choice(value: str, allowed: Sequence[str], what: str) -> str:
@@ -68,6 +133,8 @@ def _neck(
         module = FPN(body, out_channels=fpn_channels, top_block="maxpool", norm=fpn_norm)
         roi_features = [info.name for info in module.feature_info[:-1]]  # p2..p5; p6 feeds the RPN only
     else:  # dc5: C5 with dilation instead of the last stride, no FPN (detectron2's DC5)
+        if not backbone.startswith("timm/"):  # timm models keep their own dilation pattern
+            backbone_kwargs = {"dilate_first_block": True, **backbone_kwargs}  # detectron2 dilates all of res5
         module = create_backbone(
             backbone, weights=backbone_weights, out_indices=(4,), output_stride=16, norm=norm,
             frozen_stages=frozen_stages, **backbone_kwargs,
@@ -99,6 +166,7 @@ def build_model(
     frozen_stages: int | None = None,
     fpn_norm: str | None = None,
     fpn_channels: int = 256,
+    head_channels: int | None = None,
     head_norm: str = "bn",
     box_head_dim: int = 1024,
     mask_head_convs: int = 4,
@@ -124,8 +192,11 @@ def build_model(
             (the stem and first stage frozen, detectron2's and torchvision's practice); from scratch
             "bn" and -1.
         fpn_norm: norm inside the FPN (default: none for v1, "bn" for v2 as torchvision).
-        fpn_channels: channels of the FPN outputs and of every head's convs (detectron2's
-            FPN.OUT_CHANNELS); 256 as torchvision. Smaller is much cheaper for small data.
+        fpn_channels: channels of the FPN outputs (detectron2's FPN.OUT_CHANNELS); 256 as
+            torchvision. Smaller is much cheaper for small data.
+        head_channels: width of the mask head's convs and upsampling and of the v2 box head's convs
+            (detectron2's CONV_DIM); default `fpn_channels`. With dc5 the heads read the 2048-channel
+            C5 and reduce it to this width in their first conv, as detectron2.
         box_head_dim: width of the box head's fully connected layers (1024, detectron2's FC_DIM).
         mask_head_convs: 3x3 convs of the mask head before its upsampling (4, detectron2's NUM_CONV).
         roi_sampling_ratio: bilinear samples per RoIAlign bin side (torchvision's 2; 0 = adaptive).
@@ -133,13 +204,12 @@ def build_model(
         fresh_heads: with `weights` of another number of classes, load everything but the
             class-specific layers (`HEAD_PREFIXES`), which keep their fresh initialisation
             (fine-tuning, e.g. from COCO to a new dataset); without it such weights are an error.
-        **overrides: passed to torchvision's FasterRCNN/MaskRCNN (min_size, max_size,
-            rpn_pre_nms_top_n_train, box_batch_size_per_image, box_detections_per_img, ...).
+        backbone_kwargs: more options of the backbone (`backbones.registry.backbone_options(name)`).
+        **overrides: passed to torchvision's FasterRCNN/MaskRCNN: one of `TORCHVISION_OPTIONS`
+            (min_size, max_size, rpn_pre_nms_top_n_train, box_batch_size_per_image,
+            box_detections_per_img, ...); any other name is an error naming the closest.
     """
-    settings = dict(PRESETS.get(name, {}))
-    if not settings:
-        settings["architecture"] = _choice(name, ARCHITECTURES + tuple(PRESETS), "name")
-        settings.update(backbone="resnet50", neck="fpn", head="v1")
+    settings = check_build_args(name, dict(overrides, backbone=backbone, backbone_kwargs=backbone_kwargs))
     settings.update({k: v for k, v in dict(backbone=backbone, neck=neck, head=head).items() if v is not None})
     neck_name = _choice(settings["neck"], NECKS, "neck")
     head_name = _choice(settings["head"], HEADS, "head")
@@ -159,6 +229,7 @@ def build_model(
     num_levels = len(body.feature_info)
     anchor_generator = _anchors(num_levels, anchor_sizes, aspect_ratios)
     channels = body.out_channels
+    head_channels = fpn_channels if head_channels is None else head_channels
     parts: dict[str, Any] = dict(
         rpn_anchor_generator=anchor_generator,
         box_roi_pool=MultiScaleRoIAlign(roi_features, output_size=7, sampling_ratio=roi_sampling_ratio),
@@ -167,7 +238,7 @@ def build_model(
     if head_name == "v2":
         parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
         parts["box_head"] = FastRCNNConvFCHead(
-            (channels, 7, 7), [channels] * 4, [box_head_dim], norm_layer=head_norm_layer
+            (channels, 7, 7), [head_channels] * 4, [box_head_dim], norm_layer=head_norm_layer
         )
     else:
         parts["rpn_head"] = RPNHead(channels, anchor_generator.num_anchors_per_location()[0])
@@ -176,15 +247,38 @@ def build_model(
     if settings["architecture"] == "mask_rcnn":
         parts["mask_roi_pool"] = MultiScaleRoIAlign(roi_features, output_size=14, sampling_ratio=roi_sampling_ratio)
         mask_norm = head_norm_layer if head_name == "v2" else None
-        parts["mask_head"] = MaskRCNNHeads(channels, [channels] * mask_head_convs, 1, norm_layer=mask_norm)
-        parts["mask_predictor"] = MaskRCNNPredictor(channels, channels, num_classes)
-        model = MaskRCNN(body, **parts, **overrides)
-    else:
-        model = FasterRCNN(body, **parts, **overrides)
-    model.transform._skip_resize = not resize_in_training
+        parts["mask_head"] = MaskRCNNHeads(channels, [head_channels] * mask_head_convs, 1, norm_layer=mask_norm)
+        parts["mask_predictor"] = MaskRCNNPredictor(head_channels, head_channels, num_classes)
+    detector = MaskRCNN if settings["architecture"] == "mask_rcnn" else FasterRCNN
+    model = detector(body, **parts, **{**NECK_DEFAULTS[neck_name], **overrides})
+    _decode_in_float32(model, resize_in_training=resize_in_training)
     if weights is not None:
         load_detector_weights(model, weights, fresh_heads=fresh_heads)
     return model
+
+
+BUILD_OPTIONS = frozenset(inspect.signature(build_model).parameters) - {"name", "overrides"}
+_WHERE = "detection.build_model's arguments and detection.models.TORCHVISION_OPTIONS"
+
+
+def check_build_args(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Checks a model name and `build_model` options without building anything; returns the preset.
+
+    Raises:
+        UnknownNameError: `name` is neither a preset nor an architecture, an option is neither an
+            argument of `build_model` nor of torchvision's detector (`TORCHVISION_OPTIONS`), or a
+            `backbone_kwargs` key is not an option of the backbone; each names the closest.
+    """
+    options = dict(options or {})
+    check_name(name, [*ARCHITECTURES, *PRESETS], what="detection model", where="the presets: detection.PRESETS")
+    settings = dict(PRESETS.get(name, {})) or dict(architecture=name, backbone="resnet50", neck="fpn", head="v1")
+    check_options(options, BUILD_OPTIONS | TORCHVISION_OPTIONS, where=_WHERE)
+    backbone = options.get("backbone") or settings["backbone"]
+    allowed = backbone_options(backbone)
+    if allowed is not None:
+        where = f"backbones.registry.backbone_options({backbone!r})"
+        check_options(options.get("backbone_kwargs") or {}, allowed - _SET_BY_BUILDER, where=where)
+    return settings
 
 
 def load_detector_weights(model: nn.Module, weights: str, *, fresh_heads: bool = False) -> None:

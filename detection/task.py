@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from backbones.training import TrainingTask, check_finite_losses
 
 from .evaluation import COCOEvaluator
-from .models import PRESETS, build_model
+from .models import PRESETS, build_model, check_build_args
 from .weights_table import DETECTION_WEIGHTS, LABEL_SPACES
 
 
@@ -65,6 +65,7 @@ class DetectionTask(TrainingTask):
         warmup: float = 500,
         **kwargs: Any,
     ):
+        check_build_args(model, model_options)  # a misspelt name fails now, not after the data is read
         super().__init__(lr=lr, schedule=schedule, milestones=milestones, warmup=warmup, **kwargs)
         self.hparams.label_space = resolve_label_space(label_space, weights, fresh_heads)
         self._data_labels: torch.Tensor | None = None  # data label -> model label, for the training targets

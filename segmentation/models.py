@@ -11,20 +11,24 @@ The output is torchvision's: a dict with `out` (logits at the input size) and, w
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from backbones import create_backbone, load_weights
+from backbones.registry import backbone_options, check_name, check_options
 
 from .weights_table import SEGMENTATION_WEIGHTS
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
 
-__all__ = ["ARCHITECTURES", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model"]
+__all__ = [
+    "ARCHITECTURES", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model", "check_build_args",
+]  # fmt: skip
 
 ARCHITECTURES = ("deeplabv3", "deeplabv3plus")
 
@@ -71,9 +75,11 @@ class DeepLabV3(nn.Module):
         """Returns `out` (N, num_classes, H, W) and, with an aux head, `aux` of the same shape."""
         size = x.shape[-2:]
         features = self.backbone(x)
-        result = OrderedDict(out=_upsample(self.classify(features), size))
+        # logits leave the network in float32 under bf16/fp16 autocast too: upsampled (and later
+        # arg-maxed) in half precision, close classes would tie and the border would blur
+        result = OrderedDict(out=_upsample(self.classify(features).float(), size))
         if self.aux_classifier is not None:
-            result["aux"] = _upsample(self.aux_classifier(features[self.aux_feature]), size)
+            result["aux"] = _upsample(self.aux_classifier(features[self.aux_feature]).float(), size)
         return result
 
     def classify(self, features: dict[str, Tensor]) -> Tensor:
@@ -91,15 +97,27 @@ class DeepLabV3Plus(DeepLabV3):
         return self.classifier(features[self.in_feature], features[self.low_level_feature])  # (N, K, H/4, W/4)
 
 
-def _settings(name: str, backbone: str | None) -> dict[str, str]:
-    settings = dict(PRESETS.get(name, {}))
-    if not settings:
-        if name not in ARCHITECTURES:
-            allowed = ", ".join(map(repr, ARCHITECTURES + tuple(PRESETS)))
-            raise ValueError(f"name={name!r}; choose one of {allowed}")
-        settings = dict(architecture=name, backbone="resnet50")
-    if backbone is not None:
-        settings["backbone"] = backbone
+# backbone options the model sets itself (`norm`, `frozen_stages`, `output_stride` are build_model's own)
+_SET_BY_BUILDER = frozenset({"features_only", "num_classes", "out_indices", "output_stride", "norm", "frozen_stages"})
+
+
+def check_build_args(name: str, options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Checks a model name and `build_model` options without building anything; returns the settings.
+
+    Raises:
+        UnknownNameError: `name` is neither a preset nor an architecture, or an option is neither an
+            argument of `build_model` nor an option of the backbone; each names the closest.
+    """
+    options = dict(options or {})
+    check_name(name, [*ARCHITECTURES, *PRESETS], what="segmentation model", where="the presets: segmentation.PRESETS")
+    settings = dict(PRESETS.get(name, {})) or dict(architecture=name, backbone="resnet50")
+    if options.get("backbone") is not None:
+        settings["backbone"] = options["backbone"]
+    backbone = settings["backbone"]
+    allowed = backbone_options(backbone)  # None: a timm model or a builder taking any option
+    if allowed is not None:
+        where = f"segmentation.build_model's arguments and backbones.registry.backbone_options({backbone!r})"
+        check_options(options, BUILD_OPTIONS | (allowed - _SET_BY_BUILDER), where=where)
     return settings
 
 
@@ -142,14 +160,15 @@ def build_model(
         separable: depthwise-separable convs in ASPP and the V3+ decoder.
         fresh_heads: with `weights` of another number of classes, leave the class-specific
             layers as initialised (fine-tuning) instead of failing.
-        **overrides: more options of the backbone variant (`drop_path_rate`, `zero_init_last`, ...).
+        **overrides: more options of the backbone (`drop_path_rate`, `zero_init_last`, ...; the list:
+            `backbones.registry.backbone_options(name)`); another name is an error naming the closest.
 
     Example:
         >>> model = build_model("deeplabv3plus_r18", num_classes=4, output_stride=16).eval()
         >>> model(torch.randn(1, 3, 65, 65))["out"].shape
         torch.Size([1, 4, 65, 65])
     """
-    settings = _settings(name, backbone)
+    settings = check_build_args(name, dict(overrides, backbone=backbone))
     plus = settings["architecture"] == "deeplabv3plus"
     out_indices = (1,) if plus else ()
     out_indices += (3, 4) if aux_loss else (4,)
@@ -178,6 +197,9 @@ def build_model(
     if weights is not None:
         load_segmentation_weights(model, weights, fresh_heads=fresh_heads)
     return model
+
+
+BUILD_OPTIONS = frozenset(inspect.signature(build_model).parameters) - {"name", "overrides"}
 
 
 def load_segmentation_weights(model: nn.Module, weights: str, *, fresh_heads: bool = False) -> None:

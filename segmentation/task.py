@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from backbones.training import TrainingTask, check_finite_losses
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
-from .models import build_model
+from .models import build_model, check_build_args
 from .weights_table import SEGMENTATION_WEIGHTS
 from .transforms import IGNORE_INDEX
 
@@ -60,6 +60,7 @@ class SegmentationTask(TrainingTask):
         schedule: Literal["poly", "cosine", "step", "constant"] = "poly",
         **kwargs: Any,
     ):
+        check_build_args(model, dict(model_options or {}, backbone=backbone))  # misspelt names fail now, not later
         super().__init__(lr=lr, schedule=schedule, **kwargs)
         if self.hparams.num_classes is not None:
             self.build_model(self.hparams.num_classes)

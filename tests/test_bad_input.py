@@ -325,10 +325,10 @@ def test_classification_data_names_the_culprit(class_folders, case):
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: build_detector("faster_rcnn_r19_fpn", num_classes=4), "name='faster_rcnn_r19_fpn'; choose one of"),
+        (lambda: build_detector("faster_rcnn_r19_fpn", num_classes=4), "model 'faster_rcnn_r19_fpn'; closest: faster"),
         (lambda: build_detector("faster_rcnn", num_classes=4, backbone="resnet5"), "unknown backbone 'resnet5'"),
         (lambda: build_detector("faster_rcnn", num_classes=4, neck="bifpn"), "neck='bifpn'; choose one of 'fpn'"),
-        (lambda: build_segmenter("deeplabv4", num_classes=4), "name='deeplabv4'; choose one of"),
+        (lambda: build_segmenter("deeplabv4", num_classes=4), "model 'deeplabv4'; closest: deeplabv3"),
         (lambda: build_segmenter("deeplabv3_r18", num_classes=4, output_stride=12), "output_stride=12; choose 8"),
         (lambda: create_backbone("resnet18", output_stride=12), "output_stride=12; choose 8, 16 or 32"),
         (lambda: create_model("resnet5"), "unknown backbone 'resnet5'; closest: resnet50"),
@@ -482,22 +482,29 @@ def _shapes_args(shapes, module: str) -> list[str]:
             "--data.image_size=48", "--data.seed=0", "--data.num_workers=0"]  # fmt: skip
 
 
-def test_training_tools_raise_errors_that_name_the_culprit(shapes, coco, tmp_path):
+def test_training_tools_raise_errors_that_name_the_culprit(shapes, coco, tmp_path, capsys):
     images, annotations = coco
     common = [*TRAIN_COMMON, f"--trainer.default_root_dir={tmp_path}"]
     detection_shapes = _shapes_args(shapes, "detection.data.ShapesDataModule")
     segmentation_shapes = _shapes_args(shapes, "segmentation.data.ShapesSegmentationDataModule")
     segmentation_shapes.append("--data.batch_size=2")
     annotations.write_text("{")
-    cases = [
-        (train_det.main, [*detection_shapes, "--model.model=faster_rcnn_r19_fpn"], "name='faster_rcnn_r19_fpn'"),
+    misspelt = [  # one line on stderr, exit status 2
+        (train_det.main, [*detection_shapes, "--model.model=faster_rcnn_r19_fpn"], "model 'faster_rcnn_r19_fpn'"),
         (train_det.main, [*detection_shapes, '--model.model_options={"backbone": "resnet5"}'], "'resnet5'; closest"),
+        (train_seg.main, [*segmentation_shapes, "--model.backbone=resnet5"], "unknown backbone 'resnet5'"),
+    ]  # fmt: skip
+    for main, args, message in misspelt:
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", *args, *common])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    cases = [
         (train_det.main, ["--data=detection.data.CocoDetectionDataModule", f"--data.train_images={images}",
                           f"--data.train_annotations={annotations}"], f"{annotations}: invalid JSON at line 1"),
         (train_det.main, ["--data=detection.data.CocoDetectionDataModule", f"--data.train_images={tmp_path / 'no'}",
                           f"--data.train_annotations={shapes.val_annotations}"], f"image folder {tmp_path / 'no'}"),
         (train_seg.main, [*segmentation_shapes, "--model.output_stride=12"], "output_stride=12; choose 8, 16 or 32"),
-        (train_seg.main, [*segmentation_shapes, "--model.backbone=resnet5"], "unknown backbone 'resnet5'"),
         (train_cls.main, [f"--data.root={tmp_path / 'no_images'}"], f"image folder {tmp_path / 'no_images'}/train"),
     ]  # fmt: skip
     for main, args, message in cases:

@@ -15,7 +15,10 @@ class ImageFileError(ValueError):
 
 
 def read_rgb_image(path: str | os.PathLike, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """Decodes an image with OpenCV into RGB (H, W, 3) uint8, checking its size if given.
+    """Decodes an image's stored pixels with OpenCV into RGB (H, W, 3) uint8, checking its size if given.
+
+    A JPEG's EXIF orientation is not applied: COCO annotations, pycocotools masks, label PNGs and
+    torchvision's readers all use the stored pixels, and a rotated image would no longer match them.
 
     Raises:
         ImageFileError: the file cannot be read or decoded, is a truncated JPEG (which OpenCV
@@ -27,7 +30,8 @@ def read_rgb_image(path: str | os.PathLike, height: int | None = None, width: in
         raise ImageFileError(f"{path}: cannot be read ({error})") from error
     if _is_truncated_jpeg(data.tobytes()):
         raise ImageFileError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)  # grey, CMYK and alpha images become 3-channel BGR
+    # grey, CMYK and alpha images become 3-channel BGR; the EXIF orientation is left unapplied
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ImageFileError(f"{path}: cannot be decoded as an image (unreadable or corrupt)")
     if height is not None and image.shape[:2] != (height, width):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+from backbones.registry import UnknownNameError
 
 
 class _CLI(LightningCLI):
@@ -59,14 +62,21 @@ def run_cli(
     The tasks configure their own optimizer and schedule (`TrainingTask`: SGD, warmup, batch-scaled
     lr), so LightningCLI's `--optimizer`/`--lr_scheduler` options are not offered: they would be
     silently ignored or build an optimizer before the model exists.
+
+    A misspelt model, backbone or option name in the config ends the run with one line, `<tool>: error:
+    <message naming the closest names>`, and exit status 2, as a command-line error would.
     """
-    return _CLI(
-        task,
-        datamodule,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    try:
+        return _CLI(
+            task,
+            datamodule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    except UnknownNameError as error:  # the user's typo: its message says all, a traceback would bury it
+        print(f"{Path(sys.argv[0]).stem}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

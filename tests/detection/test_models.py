@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from backbones import WeightsError
 from backbones.layers import FrozenBatchNorm2d as OurFrozenBN
-from detection.models import build_model, load_detector_weights
+from detection.models import build_model, check_build_args, load_detector_weights
 
 SMALL = dict(min_size=128, max_size=160)
 
@@ -101,10 +101,35 @@ def test_general_form_trains_and_predicts(name, options):
     assert len(predictions) == 2 and {"boxes", "labels", "scores"} <= set(predictions[0])
 
 
-def test_dc5_reads_dilated_c5():
-    model = build_model("faster_rcnn_r50_dc5", num_classes=3)
+def _num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_dc5_is_detectron2s_dc5():
+    """Base-RCNN-DilatedC5.yaml: res5 dilated in every block, 2 fc of 1024, mask convs of 256, 12000/6000 proposals."""
+    model = build_model("mask_rcnn_r50_dc5", num_classes=81)
     assert [(f.name, f.channels, f.stride) for f in model.backbone.feature_info] == [("c5", 2048, 16)]
     assert model.roi_heads.box_roi_pool.featmap_names == ["c5"]
+    assert [block.conv2.dilation for block in model.backbone.layer4] == [(2, 2)] * 3  # the first block too
+    assert [block.conv2.dilation for block in model.backbone.layer3] == [(1, 1)] * 6
+    heads = model.roi_heads
+    assert _num_parameters(heads.box_head) == (2048 * 7 * 7 * 1024 + 1024) + (1024 * 1024 + 1024)
+    # 4 3x3 convs of 256 (the first reads C5's 2048 channels), then the 2x2 deconv of 256: about 6.75 M
+    assert _num_parameters(heads.mask_head) == (2048 * 9 * 256 + 256) + 3 * (256 * 9 * 256 + 256)
+    assert _num_parameters(heads.mask_predictor) == (256 * 4 * 256 + 256) + (256 * 81 + 81)
+    assert heads.mask_roi_pool.output_size == (14, 14) and heads.box_roi_pool.output_size == (7, 7)
+    model.rpn.train()
+    assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (12000, 2000)
+    model.rpn.eval()
+    assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (6000, 1000)
+
+
+def test_dc5_proposal_counts_yield_to_the_users():
+    model = build_model("faster_rcnn", backbone="resnet18", neck="dc5", num_classes=3, rpn_pre_nms_top_n_test=300)
+    model.eval()
+    assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (300, 1000)
+    fpn = build_model("faster_rcnn_r18_fpn", num_classes=3).eval()  # the FPN keeps torchvision's per-level counts
+    assert (fpn.rpn.pre_nms_top_n(), fpn.rpn.post_nms_top_n()) == (1000, 1000)
 
 
 def test_pretrained_backbone_defaults_to_frozen_bn_and_stem(tmp_path):
@@ -154,3 +179,26 @@ def test_checkpoint_with_other_classes(tmp_path):
     load_detector_weights(target, str(path), fresh_heads=True)  # fine-tuning: everything but the heads
     torch.testing.assert_close(target.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
     torch.testing.assert_close(target.rpn.head.cls_logits.weight, source.rpn.head.cls_logits.weight)
+
+
+@pytest.mark.parametrize(
+    "options, key, closest, where",
+    [
+        (dict(min_sise=128), "'min_sise'", "min_size", "TORCHVISION_OPTIONS"),  # torchvision would swallow it
+        (dict(fpn_chanels=64), "'fpn_chanels'", "fpn_channels", "TORCHVISION_OPTIONS"),
+        (dict(backbone_kwargs=dict(drop_path_rat=0.1)), "'drop_path_rat'", "drop_path_rate", "backbone_options"),
+    ],
+)
+def test_unknown_options_name_the_closest(options, key, closest, where):
+    with pytest.raises(ValueError) as error:
+        build_model("mask_rcnn_r18_fpn", num_classes=3, **options)
+    assert f"unknown option {key}; closest: {closest}" in str(error.value) and where in str(error.value)
+    check_build_args("mask_rcnn_r18_fpn", dict(min_size=128, backbone_kwargs=dict(drop_path_rate=0.1)))  # valid
+
+
+def test_misspelt_preset_gives_one_line_with_the_closest():
+    with pytest.raises(ValueError) as error:
+        build_model("mask_rcnn_r18_fnp", num_classes=3)
+    message = str(error.value)
+    assert message.startswith("unknown detection model 'mask_rcnn_r18_fnp'; closest: mask_rcnn_r18_fpn")
+    assert "\n" not in message and "detection.PRESETS" in message

@@ -136,6 +136,35 @@ def test_general_form_takes_any_backbone():
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(ValueError, match="deeplabv3plus_r50"):
+    with pytest.raises(ValueError, match="unknown segmentation model 'deeplab_v3'; closest: deeplabv3"):
         build_model("deeplab_v3", num_classes=2)
     assert {"deeplabv3_r50", "deeplabv3_r101", "deeplabv3plus_r50", "deeplabv3plus_r101"} <= set(PRESETS)
+
+
+def test_logits_are_float32_under_bf16_autocast():
+    """The network may run in bf16; the logits are upsampled (and later arg-maxed) in float32."""
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus_r18", num_classes=NUM_CLASSES, output_stride=16, aux_loss=True).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(torch.randn(1, 3, 64, 64))
+    for key in ("out", "aux"):
+        assert output[key].dtype == torch.float32, key
+        assert (output[key] != output[key].bfloat16().float()).any(), key  # upsampled in float32, not on bf16's grid
+
+
+@pytest.mark.parametrize(
+    "options, key, closest",
+    [(dict(min_sise=128), "'min_sise'", "num_classes"), (dict(aspp_chanels=64), "'aspp_chanels'", "aspp_channels"),
+     (dict(drop_path_rat=0.1), "'drop_path_rat'", "drop_path_rate")],
+)  # fmt: skip
+def test_unknown_options_name_the_closest(options, key, closest):
+    with pytest.raises(ValueError) as error:
+        build_model("deeplabv3_r18", num_classes=3, **options)
+    assert f"unknown option {key}; closest: {closest}" in str(error.value)
+    assert "backbone_options('resnet18')" in str(error.value)
+
+
+def test_misspelt_preset_gives_one_line_with_the_closest():
+    with pytest.raises(ValueError) as error:
+        build_model("deeplabv3plus_r105", num_classes=3)
+    assert str(error.value).startswith("unknown segmentation model 'deeplabv3plus_r105'; closest: deeplabv3plus_r101")
