@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from backbones.training.distributed import eval_sampler
 from backbones.training.samplers import ResumableTrainData, SeededSamples
+from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from backbones.data.images import ImageFileError, read_rgb_image
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS
 
@@ -37,7 +38,6 @@ __all__ = [
     "val_transforms",
 ]
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_NAMES_IN_ERROR = 5
 
 
