@@ -2,7 +2,9 @@
 the number of images, batches, precision, subfolders and the output layout."""
 
 import json
+import os
 import shutil
+import stat
 import weakref
 
 import lightning as L
@@ -174,6 +176,10 @@ def test_runs_as_a_script_with_a_rate_and_one_error_line(checkpoint, tmp_path):
     done = run_tool("infer_det", path, images, "--output", tmp_path / "out", "--batch-size", "2")
     assert done.returncode == 0, done.stderr
     assert "wrote 3 pictures and 30 results" in done.stdout and "images/s)" in done.stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for written in ("results.json", "000001.jpg"):
+        assert stat.S_IMODE((tmp_path / "out" / written).stat().st_mode) == 0o666 & ~umask  # not 0600
     failed = run_tool("infer_det", path, tmp_path / "nowhere", "--output", tmp_path / "out")
     assert failed.returncode == 2
     assert failed.stderr == f"infer_det: error: {tmp_path / 'nowhere'}: no such image or folder\n"
