@@ -132,7 +132,9 @@ def _as_coco(dataset: dict):
 
 @reports_errors("benchmark_coco")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="benchmark_coco", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmark_coco", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=5000, help="synthetic images to evaluate")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)

@@ -118,7 +118,9 @@ def check_backbone_fits(state: dict[str, Tensor], name: str, options: dict) -> N
         raise ExportError(f"the backbone weights do not fit {_call(name, options, '...')}: {error}") from error
 
 
-def export_backbone(checkpoint: str | os.PathLike, output: str | os.PathLike, *, ema: bool = False) -> dict[str, Tensor]:
+def export_backbone(
+    checkpoint: str | os.PathLike, output: str | os.PathLike, *, ema: bool = False
+) -> dict[str, Tensor]:
     """Reads `checkpoint`, checks the network's weights against a fresh model and writes them to `output`.
 
     Example:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +31,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from backbones.data.files import list_images, write_atomically, write_image
+from backbones.data.files import list_images, write_image, write_json
 from backbones.data.images import read_rgb_image
 from backbones.fusion import prepare_for_inference
-from backbones.training.tools import (
-    add_inference_arguments,
-    autocast,
-    output_paths,
-    progress,
-    read_batches,
-    reports_errors,
-)
+from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.weights import load_task_checkpoint
 from detection.evaluation import to_coco_results
 from detection.task import DetectionTask
@@ -60,7 +52,9 @@ class Detector:
     iou_types: tuple[str, ...]
 
 
-def load_model(checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False) -> Detector:
+def load_model(
+    checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False
+) -> Detector:
     """The detector of a `DetectionTask` checkpoint, on `device`, prepared for inference (fused unless `fuse=False`)."""
     task = load_task_checkpoint(DetectionTask, checkpoint, map_location=device)
     model = prepare_for_inference(
@@ -109,14 +103,16 @@ def draw(image: Tensor, prediction: dict, names: list[str], threshold: float) ->
 
 
 def detect_batch(
-    detector: Detector, images: list[Tensor], pictures: list[Path], image_ids: list[int], args: argparse.Namespace
+    detector: Detector, batch: list[tuple[int, Tensor]], pictures: list[Path], image_ids: list[int], args
 ) -> list[dict]:
-    """Detects, draws and encodes one batch; returns its COCO results. Its dense masks end with it."""
+    """Detects, draws and encodes a batch of `(index, image)` pairs (the picture and COCO id of image `index`
+    are `pictures[index]`, `image_ids[index]`); returns its COCO results. Its dense masks end with it."""
+    indices, images = zip(*batch)
     results = []
-    predictions = predict(detector.model, images, args.device, args.precision)
-    for image, picture, image_id, prediction in zip(images, pictures, image_ids, predictions):
-        write_image(picture, draw(image, prediction, detector.category_names, args.score_threshold))
-        results += to_coco_results([prediction], [image_id], detector.label_to_category_id, detector.iou_types)
+    predictions = predict(detector.model, list(images), args.device, args.precision)
+    for index, image, prediction in zip(indices, images, predictions):
+        write_image(pictures[index], draw(image, prediction, detector.category_names, args.score_threshold))
+        results += to_coco_results([prediction], [image_ids[index]], detector.label_to_category_id, detector.iou_types)
     return results
 
 
@@ -159,17 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     pictures = output_paths(images, args.source, args.output, ".jpg")
     image_ids = image_ids_for(images, args.annotations)
     detector = load_model(args.checkpoint, args.device, fuse=not args.no_fuse, compile_backbone=args.compile)
-    results, start = [], time.perf_counter()
-    with progress(len(images), "infer_det") as bar:
-        for batch in read_batches(range(len(images)), lambda i: read_image(images[i]), args.batch_size):
-            indices = [i for i, _ in batch]
-            results += detect_batch(
-                detector, [image for _, image in batch], [pictures[i] for i in indices],
-                [image_ids[i] for i in indices], args,
-            )  # fmt: skip
-            bar.update(len(batch))
-    rate = len(images) / (time.perf_counter() - start)
-    write_atomically(args.output / "results.json", json.dumps(results))
+    results = []
+    rate = for_each_batch(
+        images, read_image, args.batch_size,
+        lambda batch: results.extend(detect_batch(detector, batch, pictures, image_ids, args)), description="infer_det",
+    )  # fmt: skip
+    write_json(args.output / "results.json", results)
     print(f"wrote {len(images)} pictures and {len(results)} results to {args.output} ({rate:.2f} images/s)")
     return 0
 

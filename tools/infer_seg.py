@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +31,7 @@ from torch.nn import functional as F
 from backbones.data.files import list_images, write_image
 from backbones.data.images import read_rgb_image
 from backbones.fusion import prepare_for_inference
-from backbones.training.tools import (
-    add_inference_arguments,
-    autocast,
-    output_paths,
-    progress,
-    read_batches,
-    reports_errors,
-)
+from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.weights import load_task_checkpoint
 from segmentation.task import SegmentationTask
 
@@ -54,7 +46,9 @@ class Segmenter:
     class_names: list[str]
 
 
-def load_model(checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False) -> Segmenter:
+def load_model(
+    checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False
+) -> Segmenter:
     """The model of a `SegmentationTask` checkpoint (which normalizes its input itself), on `device`,
     prepared for inference (fused unless `fuse=False`)."""
     task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device)  # downloads nothing
@@ -102,6 +96,19 @@ def predict(
     return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
 
 
+def segment_batch(
+    segmenter: Segmenter, batch: list[tuple[int, np.ndarray]], overlays: list[Path], masks: list[Path], args
+) -> None:
+    """Segments a batch of `(index, image)` pairs of one size and writes `overlays[index]` (and with
+    `--save-masks` `masks[index]`) of each."""
+    indices, images = zip(*batch)
+    labels = predict(segmenter.model, list(images), args.device, args.precision, args.size).argmax(1)
+    for index, image, classes in zip(indices, images, labels.to(torch.uint8).cpu().numpy()):
+        write_image(overlays[index], overlay(image, classes, segmenter.class_names, args.alpha))
+        if args.save_masks:
+            write_image(masks[index], classes)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="infer_seg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,20 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     overlays = output_paths(images, args.source, args.output, "_overlay.png")
     masks = output_paths(images, args.source, args.output, "_mask.png")
     segmenter = load_model(args.checkpoint, args.device, fuse=not args.no_fuse, compile_backbone=args.compile)
-    start = time.perf_counter()
-    with progress(len(images), "infer_seg") as bar:
-        batches = read_batches(
-            range(len(images)), lambda i: read_rgb_image(images[i]), args.batch_size, key=lambda image: image.shape
-        )
-        for batch in batches:
-            pictures = [picture for _, picture in batch]
-            labels = predict(segmenter.model, pictures, args.device, args.precision, args.size).argmax(1)
-            for (i, image), classes in zip(batch, labels.to(torch.uint8).cpu().numpy()):
-                write_image(overlays[i], overlay(image, classes, segmenter.class_names, args.alpha))
-                if args.save_masks:
-                    write_image(masks[i], classes)
-            bar.update(len(batch))
-    rate = len(images) / (time.perf_counter() - start)
+    rate = for_each_batch(
+        images, read_rgb_image, args.batch_size, lambda batch: segment_batch(segmenter, batch, overlays, masks, args),
+        key=lambda image: image.shape, description="infer_seg",  # a batch is one tensor: its images have one size
+    )  # fmt: skip
     written = "overlays and masks" if args.save_masks else "overlays"
     print(f"wrote {len(images)} {written} to {args.output} ({rate:.2f} images/s)")
     return 0

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +25,7 @@ __all__ = [
     "add_inference_arguments",
     "autocast",
     "default_device",
+    "for_each_batch",
     "output_paths",
     "parse_device",
     "progress",
@@ -159,4 +161,24 @@ def read_batches(
 def progress(total: int, description: str) -> tqdm:
     """A progress bar on stderr in images and images per second (shown on a terminal only)."""
     return tqdm(total=total, desc=description, unit="img", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def for_each_batch(
+    images: Sequence[Path],
+    read: Callable[[Path], object],
+    batch_size: int,
+    process: Callable[[list[tuple[int, object]]], None],
+    *,
+    key: Callable[[object], object] | None = None,
+    description: str = "",
+) -> float:
+    """The loop of an inference tool: reads `images` in batches (`read_batches`), calls `process` with
+    each batch's `(index in images, image)` pairs, under a progress bar; returns the images per second.
+    """
+    start = time.perf_counter()
+    with progress(len(images), description) as bar:
+        for batch in read_batches(range(len(images)), lambda index: read(images[index]), batch_size, key=key):
+            process(batch)
+            bar.update(len(batch))
+    return len(images) / (time.perf_counter() - start)
 

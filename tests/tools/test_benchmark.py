@@ -77,7 +77,8 @@ def test_bad_arguments_are_named(tool, capsys, argv, message):
 def test_coco_benchmark_bad_argument_is_named(capsys):
     with pytest.raises(SystemExit) as exit_:
         load_tool("benchmark_coco").main(["--images", "0"])
-    assert exit_.value.code == 2 and "benchmark_coco: error: --images=0; give a positive number" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "benchmark_coco: error: --images=0; give a positive number" in err
 
 
 def test_peak_tensor_memory_follows_new_storages(tool):

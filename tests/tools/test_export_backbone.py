@@ -199,6 +199,7 @@ def test_export_of_a_task_checkpoint_refuses_ema(detection_checkpoint, tmp_path,
     output = tmp_path / "backbone.pth"
     assert export_backbone.main([str(detection_checkpoint[1]), str(output), "--ema"]) == 2
     assert capsys.readouterr().err == (
-        "export_backbone: error: 'mask_rcnn_r18_fpn' is a detection checkpoint, which holds no EMA weights; drop --ema\n"
+        "export_backbone: error: 'mask_rcnn_r18_fpn' is a detection checkpoint, which holds no EMA weights; "
+        "drop --ema\n"
     )
     assert not output.exists()

@@ -115,7 +115,8 @@ def test_batches_give_the_results_of_single_images(checkpoint, tmp_path, monkeyp
         assert infer_det.main([str(path), str(images), "--output", str(tmp_path / size), "--batch-size", size]) == 0
         results[size] = json.loads((tmp_path / size / "results.json").read_text())
     assert calls == [1, 1, 1, 2, 1]
-    assert sorted(p.name for p in (tmp_path / "2").iterdir()) == ["000001.jpg", "000002.jpg", "000003.jpg", "results.json"]
+    written = sorted(p.name for p in (tmp_path / "2").iterdir())
+    assert written == ["000001.jpg", "000002.jpg", "000003.jpg", "results.json"]
     for image_id in (1, 2, 3):
         single, batched = ([r for r in results[size] if r["image_id"] == image_id] for size in ("1", "2"))
         np.testing.assert_allclose(_sorted_scores(single), _sorted_scores(batched), rtol=1e-4, atol=1e-5)
