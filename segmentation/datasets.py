@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from backbones.data.images import ImageFileError, read_rgb_image
 
 from .transforms import IGNORE_INDEX
@@ -45,7 +46,6 @@ __all__ = [
 # COCO category ids of the 20 Pascal VOC classes in VOC order (torchvision's references): aeroplane,
 # bicycle, bird, boat, bottle, bus, car, cat, chair, cow, diningtable, dog, horse, motorbike,
 # person, pottedplant, sheep, sofa, train, tvmonitor.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_NAMES_IN_ERROR = 5
 
 

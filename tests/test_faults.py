@@ -29,10 +29,10 @@ from backbones.training.samplers import GroupedBatchSampler, SampleKey, SeededSa
 from detection.task import DetectionTask
 from segmentation.models import HEAD_PREFIXES as SEGMENTATION_HEADS
 from segmentation.task import SegmentationTask
+from tests.tools.loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import train_det  # noqa: E402
+train_det = load_tool("train_det")
 
 TINY_DETECTOR = dict(
     norm="bn", frozen_stages=-1, anchor_sizes=[8, 16, 32, 64, 128], min_size=64, max_size=64,

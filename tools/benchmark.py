@@ -22,13 +22,11 @@ the tensors the step creates (see `memory` in the JSON for how it is measured on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
-import json
 import os
 import statistics
-import tempfile
+import sys
 import time
 import weakref
 
@@ -44,8 +42,10 @@ from torchvision.models import segmentation as tvs
 import detection
 import segmentation.models
 from backbones import create_model
+from backbones.data.files import write_json
 from backbones.fusion import prepare_for_inference
-from benchmark_coco import eval_benchmark, eval_markdown, json_safe  # tools/, beside this script
+from backbones.training.tools import PRECISIONS, autocast, reports_errors
+from benchmark_coco import eval_benchmark, eval_markdown  # tools/, beside this script
 
 KINDS = {"resnet18": "cls", "resnet50": "cls", "resnet101": "cls", "faster_rcnn_r50_fpn": "det",
          "mask_rcnn_r50_fpn": "det", "deeplabv3_r50": "seg"}  # fmt: skip
@@ -54,7 +54,6 @@ TORCHVISION = {"resnet18": "resnet18", "resnet50": "resnet50", "resnet101": "res
                "deeplabv3_r50": "deeplabv3_resnet50"}  # fmt: skip
 NUM_CLASSES = {"cls": 1000, "det": 91, "seg": 21}  # ImageNet, COCO (torchvision's 91 ids), VOC
 MODES = ("inference", "train", "data", "eval")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIDES = ("ours", "torchvision")
 
 
@@ -106,11 +105,6 @@ def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) else x
 
 
-def _autocast(device: str, precision: str):
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def _compile(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     if kind == "cls":
         return torch.compile(model)
@@ -130,7 +124,7 @@ def inference_steps(kind, ours, theirs, batch, args) -> dict:
     def step_of(model, inputs):
         def step():
             model.eval()  # torchvision's model is shared with the train mode
-            with torch.inference_mode(), _autocast(args.device, args.precision):
+            with torch.inference_mode(), autocast(args.device, args.precision):
                 return model(inputs)
 
         return step
@@ -158,7 +152,7 @@ def train_steps(kind, ours, theirs, batch, args) -> dict:
 
         def step():
             model.train()
-            with _autocast(args.device, args.precision):
+            with autocast(args.device, args.precision):
                 loss = _loss(kind, model, inputs, batch[1])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -370,7 +364,9 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=KINDS, default="resnet50")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -403,6 +399,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@reports_errors("benchmark")
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else (os.uname().machine + " CPU")
@@ -421,17 +418,9 @@ def main(argv: list[str] | None = None) -> dict:
         report.update(results=rows, ratios=ratios(rows), **extra)
     print(markdown(report))
     if args.json:
-        _write_json(args.json, report)
+        write_json(args.json, report, indent=2)
     return report
 
 
-def _write_json(path: str, report: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".benchmark-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(json_safe(report), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if isinstance(main(), dict) else 2)

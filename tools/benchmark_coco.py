@@ -15,9 +15,9 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import math
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -26,6 +26,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from backbones.data.files import write_json
+from backbones.training.tools import reports_errors
 from detection.evaluation import binarize_masks, encode_masks, evaluate_results, load_ground_truth, resolve_backend
 
 EVAL_IMAGE_SIZE = (480, 640)  # (H, W), COCO-like
@@ -119,15 +121,6 @@ def eval_markdown(report: dict) -> list[str]:
     return lines
 
 
-def json_safe(value):
-    """`value` with nan replaced by None (JSON has no nan)."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def _as_coco(dataset: dict):
     """A pycocotools COCO of a fresh copy of `dataset` (`load_ground_truth` converts it for the backend)."""
     coco = COCO()
@@ -137,8 +130,11 @@ def _as_coco(dataset: dict):
     return coco
 
 
+@reports_errors("benchmark_coco")
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmark_coco", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=5000, help="synthetic images to evaluate")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -147,10 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = eval_benchmark(args.images)
     print("\n".join(eval_markdown(report)))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(json_safe(report), f, indent=2, allow_nan=False)
+        write_json(args.json, report, indent=2)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if isinstance(main(), dict) else 2)

@@ -12,13 +12,11 @@ Exit status: 0 on success, 2 on bad input (a one-line message on stderr, and no 
 """
 
 import argparse
-import contextlib
-import json
-import math
 import os
 import sys
-import tempfile
 
+from backbones.data.files import write_json
+from backbones.training.tools import reports_errors
 from detection.evaluation import (
     BACKENDS,
     IOU_TYPES,
@@ -30,12 +28,10 @@ from detection.evaluation import (
     validate_results,
 )
 
-EXIT_BAD_INPUT = 2
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="eval_det", description=__doc__.split("\n\n")[0])
     parser.add_argument("--annotations", required=True, help="ground-truth COCO instances JSON")
     parser.add_argument("--results", required=True, help="COCO results JSON (a list of detections)")
     parser.add_argument("--iou-type", nargs="+", choices=IOU_TYPES, default=["bbox"], help="default: bbox")
@@ -44,19 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_errors("eval_det")
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; return the exit status."""
     args = parse_args(argv)
     iou_types = list(dict.fromkeys(args.iou_type))
     backend = resolve_backend(args.backend)
-    try:
-        _check_output_directory(args.output)
-        coco_gt = load_ground_truth(args.annotations, backend)
-        results = read_json(args.results)
-        validate_results(results, coco_gt, iou_types, source=args.results)
-    except (OSError, ValueError) as error:
-        print(f"eval_det: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    _check_output_directory(args.output)
+    coco_gt = load_ground_truth(args.annotations, backend)
+    results = read_json(args.results)
+    validate_results(results, coco_gt, iou_types, source=args.results)
 
     metrics, per_category = {}, {}
     for iou_type in iou_types:
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(stats)
     if args.output:
         report = {"annotations": args.annotations, "results": args.results, "backend": backend}
-        write_json_atomically(args.output, {**report, "metrics": metrics, "per_category": per_category})
+        write_json(args.output, {**report, "metrics": metrics, "per_category": per_category}, indent=2)
         print(f"metrics written to {args.output}")
     return 0
 
@@ -74,35 +67,6 @@ def _check_output_directory(output: str | None) -> None:
     # Fail before a long evaluation rather than after it.
     if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise FileNotFoundError(f"{output}: the output directory does not exist")
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    """Write ``payload`` to a temporary file beside ``path``, then rename it: never a partial file at ``path``."""
-    directory, name = os.path.split(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(_nan_to_none(payload), file, indent=2, allow_nan=False)
-            file.write("\n")
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def _nan_to_none(value):
-    """Replace nan (no ground truth of that size) by None, since JSON has no nan."""
-    if isinstance(value, dict):
-        return {key: _nan_to_none(item) for key, item in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":

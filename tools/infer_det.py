@@ -1,84 +1,123 @@
 """Run a detection checkpoint on an image or a folder: pictures with boxes, labels, scores and masks,
 plus a COCO results JSON.
 
-    python tools/infer_det.py runs/mask_rcnn_r18_fpn_shapes/lightning_logs/version_0/checkpoints/last.ckpt IMAGE_OR_FOLDER \
-        --output out/ [--score-threshold 0.5] [--annotations instances_val.json] [--no-fuse] [--compile]
+    python tools/infer_det.py runs/mask_rcnn_r18_fpn_shapes/lightning_logs/version_0/checkpoints/last.ckpt IMAGE_OR_FOLDER \\
+        --output out/ [--recursive] [--batch-size 8] [--precision bf16] [--score-threshold 0.5] \\
+        [--annotations instances_val.json] [--device cuda] [--no-fuse] [--compile]
 
-The model runs on the inference fast path by default: batch norms folded into the convs, channels-last
-memory and `torch.inference_mode()` (the same detections to float rounding); `--no-fuse` runs it as trained.
+Writes `<stem>.jpg` per image (under `--recursive`, in the image's subfolder of the output folder) and
+`results.json`. Each image's masks are encoded (RLE) as soon as it is done, so memory does not grow
+with the number of images. The model runs on the inference fast path by default: batch norms folded
+into the convs, channels-last memory and `torch.inference_mode()` (the same detections to float
+rounding); `--no-fuse` runs it as trained. `--precision bf16|fp16` autocasts the network; the
+detections come out in fp32.
 
-Files are written to a temporary name and renamed; results.json only once every image is done. Bad input
-(a missing, corrupt, truncated or foreign checkpoint, one that would run code, an unreadable image, a
-malformed --annotations JSON) prints one line naming it and exits with status 2.
+Files are written to a temporary name and renamed; results.json only once every image is done (a bad
+image stops the run after the pictures of the images before it). Bad input (a missing, corrupt,
+truncated or foreign checkpoint, one that would run code, an unreadable image, a malformed
+--annotations JSON) prints one line naming it and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
+from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from backbones.data.files import list_images, write_image, write_json
+from backbones.data.images import read_rgb_image
 from backbones.fusion import prepare_for_inference
+from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.weights import load_task_checkpoint
-from detection.data import read_rgb_image
 from detection.evaluation import to_coco_results
 from detection.task import DetectionTask
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+MASK_THRESHOLD = 0.5  # as COCOEvaluator's
 
 
-def list_images(source: Path) -> list[Path]:
-    if source.is_file():
-        return [source]
-    if source.is_dir():
-        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise FileNotFoundError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-        return images
-    raise FileNotFoundError(f"{source}: no such image or folder")
+@dataclass
+class Detector:
+    """A detector ready to run, with what its outputs need: class names and COCO category ids."""
+
+    model: nn.Module  # torchvision's convention: a list of (3, H, W) float images in [0, 1] -> a dict per image
+    class_names: list[str]
+    label_to_category_id: dict[int, int] | None
+    iou_types: tuple[str, ...]
 
 
-def read_image(path: Path) -> torch.Tensor:
+def load_model(
+    checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False
+) -> Detector:
+    """The detector of a `DetectionTask` checkpoint, on `device`, prepared for inference (fused unless `fuse=False`)."""
+    task = load_task_checkpoint(DetectionTask, checkpoint, map_location=device)
+    model = prepare_for_inference(
+        task.model.to(device), fuse=fuse, channels_last=fuse, compile_backbone=compile_backbone
+    )
+    iou_types = ("bbox", "segm") if task.is_mask_model else ("bbox",)
+    return Detector(model, list(task.hparams.class_names or []), task.hparams.label_to_category_id, iou_types)
+
+
+def read_image(path: Path) -> Tensor:
     """An RGB uint8 (3, H, W) tensor, decoded with OpenCV; a corrupt or truncated file is an `ImageFileError`."""
     return torch.from_numpy(read_rgb_image(path)).permute(2, 0, 1).contiguous()
 
 
-def draw(image: torch.Tensor, prediction: dict, names: list[str], threshold: float) -> np.ndarray:
+def predict(model: nn.Module, images: list[Tensor], device: torch.device, precision: str = "fp32") -> list[dict]:
+    """Detections of uint8 (3, H, W) images, on the CPU: `boxes`, `scores` in fp32, `labels` and, for
+    Mask R-CNN, `masks` (N, H, W) bool (thresholded on the device: a quarter of the float masks' bytes)."""
+    with torch.inference_mode():
+        inputs = [image.to(device).float().div(255) for image in images]
+        with autocast(device, precision):
+            outputs = model(inputs)
+        return [{key: _finish(key, value) for key, value in output.items()} for output in outputs]
+
+
+def _finish(key: str, value: Tensor) -> Tensor:
+    if key == "masks":
+        value = value[:, 0] > MASK_THRESHOLD
+    elif value.is_floating_point():
+        value = value.float()  # under autocast a detector may return half-precision outputs
+    return value.cpu()
+
+
+def draw(image: Tensor, prediction: dict, names: list[str], threshold: float) -> np.ndarray:
+    """The image (RGB, (H, W, 3) uint8) with the detections scored `threshold` or more drawn on it."""
     keep = prediction["scores"] >= threshold
     labels = [
         f"{names[int(label)] if int(label) < len(names) else int(label)} {score:.2f}"
         for label, score in zip(prediction["labels"][keep], prediction["scores"][keep])
     ]
     canvas = image
-    if "masks" in prediction and keep.any():
-        canvas = draw_segmentation_masks(canvas, prediction["masks"][keep, 0] > 0.5, alpha=0.45)
-    canvas = draw_bounding_boxes(canvas, prediction["boxes"][keep], labels=labels, width=2)
-    return cv2.cvtColor(canvas.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR)
+    if keep.any():
+        if "masks" in prediction:
+            canvas = draw_segmentation_masks(canvas, prediction["masks"][keep], alpha=0.45)
+        canvas = draw_bounding_boxes(canvas, prediction["boxes"][keep], labels=labels, width=2)
+    return canvas.permute(1, 2, 0).numpy()
 
 
-def write_atomically(path: Path, write) -> None:
-    """Calls `write(temporary_path)`, then renames the file to `path`: never a half-written file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        if write(tmp) is False:  # cv2.imwrite reports failure by its result
-            raise OSError(f"could not write {path}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def detect_batch(
+    detector: Detector, batch: list[tuple[int, Tensor]], pictures: list[Path], image_ids: list[int], args
+) -> list[dict]:
+    """Detects, draws and encodes a batch of `(index, image)` pairs (the picture and COCO id of image `index`
+    are `pictures[index]`, `image_ids[index]`); returns its COCO results. Its dense masks end with it."""
+    indices, images = zip(*batch)
+    results = []
+    predictions = predict(detector.model, list(images), args.device, args.precision)
+    for index, image, prediction in zip(indices, images, predictions):
+        write_image(pictures[index], draw(image, prediction, detector.class_names, args.score_threshold))
+        results += to_coco_results([prediction], [image_ids[index]], detector.label_to_category_id, detector.iou_types)
+    return results
 
 
 def image_ids_for(images: list[Path], annotations: str | None) -> list[int]:
+    """1, 2, ... in the order of `images`, or the ids the COCO file `annotations` gives their file names."""
     if annotations is None:
         return list(range(1, len(images) + 1))
     try:
@@ -95,46 +134,34 @@ def image_ids_for(images: list[Path], annotations: str | None) -> list[int]:
     return [by_name[p.name] for p in images]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a DetectionTask checkpoint (.ckpt)")
-    parser.add_argument("source", help="an image or a folder of images")
-    parser.add_argument("--output", default="predictions", help="folder for the pictures and results.json")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="infer_det", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path, help="a DetectionTask checkpoint (.ckpt)")
+    add_inference_arguments(parser, default_output="predictions")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="drawn boxes only; the JSON keeps all")
     parser.add_argument("--annotations", help="a COCO JSON whose image ids the results should use")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-fuse", action="store_true", help="keep the batch norms and the default memory layout")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and FPN")
     args = parser.parse_args(argv)
-    try:
-        images = list_images(Path(args.source))
-        image_ids = image_ids_for(images, args.annotations)
-        task = load_task_checkpoint(DetectionTask, args.checkpoint, map_location=args.device)
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as error:  # WeightsError, ImageFileError are ValueErrors
-        print(f"infer_det: error: {error}", file=sys.stderr)
-        return 2
-    model = prepare_for_inference(
-        task.model.to(args.device), fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
-    )
-    names = task.hparams.class_names or []
-    output = Path(args.output)
-    predictions = []
-    with torch.inference_mode():
-        for path in images:
-            try:
-                image = read_image(path)
-            except ValueError as error:
-                print(f"infer_det: error: {error}", file=sys.stderr)
-                return 2
-            prediction = {k: v.cpu() for k, v in model([image.float().div(255).to(args.device)])[0].items()}
-            predictions.append(prediction)
-            picture = draw(image, prediction, names, args.score_threshold)
-            write_atomically(output / f"{path.stem}.jpg", lambda tmp: cv2.imwrite(tmp, picture))
-    iou_types = ("bbox", "segm") if task.is_mask_model else ("bbox",)
-    results = to_coco_results(predictions, image_ids, task.hparams.label_to_category_id, iou_types)
-    write_atomically(output / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results)))
-    print(f"wrote {len(images)} pictures and {len(results)} results to {output}")
+    if not 0 <= args.score_threshold <= 1:
+        parser.error(f"--score-threshold={args.score_threshold}; choose a value in 0..1")
+    return args
+
+
+@reports_errors("infer_det")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    images = list_images(args.source, recursive=args.recursive, exclude=args.output)
+    pictures = output_paths(images, args.source, args.output, ".jpg")
+    image_ids = image_ids_for(images, args.annotations)
+    detector = load_model(args.checkpoint, args.device, fuse=not args.no_fuse, compile_backbone=args.compile)
+    results = []
+    rate = for_each_batch(
+        images, read_image, args.batch_size,
+        lambda batch: results.extend(detect_batch(detector, batch, pictures, image_ids, args)), description="infer_det",
+    )  # fmt: skip
+    write_json(args.output / "results.json", results)
+    print(f"wrote {len(images)} pictures and {len(results)} results to {args.output} ({rate:.2f} images/s)")
     return 0
 
 

@@ -1,38 +1,60 @@
 """Colour-overlay pictures of a segmentation checkpoint's predictions, for an image or a folder.
 
     python tools/infer_seg.py runs/deeplabv3plus_r18_os16_shapes/lightning_logs/version_0/checkpoints/last.ckpt image.jpg
-    python tools/infer_seg.py last.ckpt images/ --output overlays/ --alpha 0.6 --size 512 --save-masks
+    python tools/infer_seg.py last.ckpt images/ --output overlays/ --alpha 0.6 --size 512 --save-masks \\
+        [--recursive] [--batch-size 8] [--precision bf16] [--device cuda] [--no-fuse] [--compile]
 
-The model runs on the inference fast path by default: batch norms folded into the convs, channels-last
-memory and ``torch.inference_mode()``; ``--no-fuse`` runs it as trained, ``--compile`` compiles the backbone.
+Writes `<stem>_overlay.png` (and with `--save-masks` `<stem>_mask.png`, the class indices) per image
+into the output folder (under `--recursive`, into the image's subfolder of it). A batch holds images of
+one size. The model runs on the inference fast path by default: batch norms folded into the convs,
+channels-last memory and `torch.inference_mode()`; `--no-fuse` runs it as trained, `--compile`
+compiles the backbone. `--precision bf16|fp16` autocasts the network; the logits are upsampled in fp32.
 
-Writes ``<stem>_overlay.png`` (and with ``--save-masks`` ``<stem>_mask.png``, the class indices)
-per image into the output folder. Files are written to a temporary name and renamed, so an
-interrupted run never leaves a half-written picture. Bad input (a missing, corrupt, truncated or foreign
-checkpoint, one that would run code, an unreadable image) prints one line naming it and exits with status 2.
+Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written
+picture (a bad image stops the run after the pictures of the images before it). Bad input (a missing,
+corrupt, truncated or foreign checkpoint, one that would run code, an unreadable image) prints one
+line naming it and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
-import cv2
 import numpy as np
 import torch
+from torch import Tensor, nn
 from torch.nn import functional as F
 
+from backbones.data.files import list_images, write_image
+from backbones.data.images import read_rgb_image
 from backbones.fusion import prepare_for_inference
-from backbones.data.images import ImageFileError, read_rgb_image
+from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.weights import load_task_checkpoint
-from segmentation.data import IMAGE_EXTENSIONS
 from segmentation.task import SegmentationTask
 
 BACKGROUND_NAMES = ("__background__", "background")
+
+
+@dataclass
+class Segmenter:
+    """A segmentation model ready to run, and the names of its classes."""
+
+    model: nn.Module  # (N, 3, H, W) float images in [0, 1] -> {"out": (N, num_classes, H, W) logits}
+    class_names: list[str]
+
+
+def load_model(
+    checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False
+) -> Segmenter:
+    """The model of a `SegmentationTask` checkpoint (which normalizes its input itself), on `device`,
+    prepared for inference (fused unless `fuse=False`)."""
+    task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device)  # downloads nothing
+    prepare_for_inference(task.model, fuse=fuse, channels_last=fuse, compile_backbone=compile_backbone)
+    names = task.hparams.class_names or [str(i) for i in range(task.hparams.num_classes)]
+    return Segmenter(task.to(device).eval(), list(names))
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -59,70 +81,44 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: list[str], alpha
 
 
 @torch.inference_mode()
-def predict(task: SegmentationTask, image: np.ndarray, size: int | None = None) -> np.ndarray:
-    """Class indices (H, W) of an RGB uint8 image, optionally run with its shorter side at ``size``."""
-    height, width = image.shape[:2]
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(task.device)  # (1, 3, H, W)
+def predict(
+    model: nn.Module, images: list[np.ndarray], device: torch.device, precision: str = "fp32", size: int | None = None
+) -> Tensor:
+    """Logits (N, num_classes, H, W) in fp32, on `device`, of RGB uint8 images of one size (H, W, 3),
+    optionally run with their shorter side at `size` and upsampled back."""
+    x = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div(255)  # (N, 3, H, W)
+    height, width = x.shape[-2:]
     if size is not None:
         scale = size / min(height, width)
         x = F.interpolate(x, size=(round(height * scale), round(width * scale)), mode="bilinear", antialias=True)
-    logits = task(x)["out"]
-    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    with autocast(device, precision):
+        logits = model(x)["out"]
+    return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
 
 
-def write_png_atomic(path: Path, picture: np.ndarray) -> None:
-    """Writes a PNG through a temporary file in the same folder and a rename."""
-    ok, data = cv2.imencode(".png", picture)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data.tobytes())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def list_images(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
-    return images
-
-
-def load_task(checkpoint: Path, device: str) -> SegmentationTask:
-    task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device)  # downloads nothing
-    return task.eval()
-
-
-def fail(error: Exception) -> NoReturn:
-    """Bad input: one line on stderr naming the culprit, exit status 2 (as for bad arguments)."""
-    print(f"infer_seg: error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+def segment_batch(
+    segmenter: Segmenter, batch: list[tuple[int, np.ndarray]], overlays: list[Path], masks: list[Path], args
+) -> None:
+    """Segments a batch of `(index, image)` pairs of one size and writes `overlays[index]` (and with
+    `--save-masks` `masks[index]`) of each."""
+    indices, images = zip(*batch)
+    labels = predict(segmenter.model, list(images), args.device, args.precision, args.size).argmax(1)
+    for index, image, classes in zip(indices, images, labels.to(torch.uint8).cpu().numpy()):
+        write_image(overlays[index], overlay(image, classes, segmenter.class_names, args.alpha))
+        if args.save_masks:
+            write_image(masks[index], classes)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="infer_seg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path, help="a SegmentationTask checkpoint (.ckpt)")
-    parser.add_argument("input", type=Path, help="an image or a folder of images")
-    parser.add_argument("--output", type=Path, default=Path("outputs/segmentation"), help="output folder")
+    add_inference_arguments(parser, default_output="outputs/segmentation")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight in the overlay, 0..1")
     parser.add_argument("--size", type=int, default=None, help="run with the shorter side at this size")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--save-masks", action="store_true", help="also write the class indices as PNG")
-    parser.add_argument("--no-fuse", action="store_true", help="keep the batch norms and the default memory layout")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     args = parser.parse_args(argv)
-    for path, what in ((args.checkpoint, "checkpoint"), (args.input, "input")):
-        if not path.exists():
-            parser.error(f"{what} {str(path)!r} does not exist")
-    if args.checkpoint.is_dir():
-        parser.error(f"checkpoint {str(args.checkpoint)!r} is a folder; give the .ckpt file")
     if not 0 <= args.alpha <= 1:
         parser.error(f"--alpha={args.alpha}; choose a value in 0..1")
     if args.size is not None and args.size < 1:
@@ -130,33 +126,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
+@reports_errors("infer_seg")
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        images = list_images(args.input)
-        task = load_task(args.checkpoint, args.device)
-        args.output.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as error:  # WeightsError is a ValueError
-        fail(error)
-    prepare_for_inference(
-        task.model, fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
-    )
-    class_names = task.hparams.class_names or [str(i) for i in range(task.hparams.num_classes)]
-    written = []
-    for path in images:
-        try:
-            image = read_rgb_image(path)
-        except (OSError, ImageFileError) as error:  # corrupt or truncated: the pictures so far are complete
-            fail(error)
-        labels = predict(task, image, args.size)
-        target = args.output / f"{path.stem}_overlay.png"
-        write_png_atomic(target, cv2.cvtColor(overlay(image, labels, class_names, args.alpha), cv2.COLOR_RGB2BGR))
-        written.append(target)
-        if args.save_masks:
-            write_png_atomic(args.output / f"{path.stem}_mask.png", labels)
-        print(f"{path} -> {target}")
-    return written
+    images = list_images(args.source, recursive=args.recursive, exclude=args.output)
+    overlays = output_paths(images, args.source, args.output, "_overlay.png")
+    masks = output_paths(images, args.source, args.output, "_mask.png")
+    segmenter = load_model(args.checkpoint, args.device, fuse=not args.no_fuse, compile_backbone=args.compile)
+    rate = for_each_batch(
+        images, read_rgb_image, args.batch_size, lambda batch: segment_batch(segmenter, batch, overlays, masks, args),
+        key=lambda image: image.shape, description="infer_seg",  # a batch is one tensor: its images have one size
+    )  # fmt: skip
+    written = "overlays and masks" if args.save_masks else "overlays"
+    print(f"wrote {len(images)} {written} to {args.output} ({rate:.2f} images/s)")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(main())

@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones import create_model
+from backbones.training.tools import reports_errors
 
 
 def count(name: str, *, image_size: int = 224, **kwargs) -> tuple[float, float]:
@@ -24,8 +25,11 @@ def count(name: str, *, image_size: int = 224, **kwargs) -> tuple[float, float]:
     return params, counter.get_total_flops() / 2 / 1e9  # the counter counts a multiply-add as 2 flops
 
 
+@reports_errors("model_info", errors=(KeyError, ValueError))  # KeyError: an unknown name
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="model_info", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("names", nargs="+", help="registered model names (see backbones.list_backbones())")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--stride-in-1x1", action="store_true", help="the paper's stride placement (bottlenecks)")
@@ -34,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| model | params (M) | multiply-adds at {args.image_size} (G) |")
     print("|---|---:|---:|")
     for name in args.names:
-        try:
-            params, macs = count(name, image_size=args.image_size, **options)
-        except (KeyError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        params, macs = count(name, image_size=args.image_size, **options)
         print(f"| {name} | {params:.2f} | {macs:.3f} |")
     return 0
 

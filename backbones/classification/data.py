@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from backbones.data.images import ImageFileError, read_rgb_image
 from backbones.training.datamodule import TaskDataModule
 
@@ -34,7 +35,6 @@ __all__ = [
     "val_transforms",
 ]
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_NAMES_IN_ERROR = 5
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,11 @@ import torch
 import yaml
 
 from backbones.data.shapes import generate_shapes
+from tests.tools.loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "detection").glob("*.yaml"))
-sys.path.insert(0, str(ROOT / "tools"))
-import train_det  # noqa: E402
+train_det = load_tool("train_det")
 
 # Single keys over the config's model_options (a whole dict would replace the config's options).
 TINY_MODEL = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "box_batch_size_per_image": 32}
@@ -99,7 +98,7 @@ def test_validate_and_predict_from_checkpoint(tiny_shapes, tmp_path):
     assert task.hparams.num_classes == 4
     assert task.hparams.class_names[1:] == ["circle", "square", "triangle"]
 
-    import infer_det
+    infer_det = load_tool("infer_det")
 
     out = tmp_path / "pictures"
     assert infer_det.main([str(ckpt), str(tiny_shapes.val_images), "--output", str(out)]) == 0

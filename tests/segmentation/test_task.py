@@ -1,6 +1,5 @@
 """Every config in configs/segmentation/ instantiates and runs a fast_dev_run on tiny data."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,16 +11,10 @@ from backbones import WEIGHTS
 from backbones.data.shapes import generate_shapes
 from segmentation.data import VOC_CATEGORY_IDS
 from segmentation.task import SegmentationTask
+from tests.tools.loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "segmentation").glob("*.yaml"))
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 train_seg = load_tool("train_seg")

@@ -1,24 +1,17 @@
 """tools/benchmark.py with tiny settings: the report's structure and sane ratios."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tests.tools.loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(TOOLS))  # benchmark.py imports benchmark_coco.py beside it
-        spec = importlib.util.spec_from_file_location("benchmark", TOOLS / "benchmark.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+    return load_tool("benchmark")
 
 
 def _positive(value) -> bool:
@@ -75,9 +68,17 @@ def test_detector_inference(tool, tmp_path):
      (["--repeats", "0"], "--repeats=0; give a positive number")],
 )  # fmt: skip
 def test_bad_arguments_are_named(tool, capsys, argv, message):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         tool.main(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "\nbenchmark: error: " in err and message in err, err
+
+
+def test_coco_benchmark_bad_argument_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("benchmark_coco").main(["--images", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "benchmark_coco: error: --images=0; give a positive number" in err
 
 
 def test_peak_tensor_memory_follows_new_storages(tool):

@@ -5,9 +5,7 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
+import stat
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "eval_det.py"
+from tests.tools import loader
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IMAGES = {4: (80, 100), 9: (120, 90), 13: (100, 100)}  # id: (H, W); image 13 has no annotation
 CATEGORIES = {2: "cat", 5: "dog"}
@@ -70,7 +68,7 @@ def files(tmp_path):
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
+    return loader.run_tool("eval_det", *args)
 
 
 def reference_stats(gt_path, results, iou_type):
@@ -102,6 +100,9 @@ def test_scores_like_pycocotools(files, tmp_path, backend):
         assert [report["metrics"][f"{iou_type}_{name}"] for name in STAT_NAMES] == pytest.approx(expected, abs=1e-6)
     assert report["metrics"]["bbox_APl"] is None  # nan (no large object) is written as null
     assert sorted(os.listdir(tmp_path)) == ["gt.json", "metrics.json", "results.json"]  # no temporary file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask  # a normal file, not mkstemp's 0600
 
 
 def _corrupt(tmp_path, gt_path, results, case):
@@ -146,7 +147,8 @@ def test_bad_input_exits_2_without_output(files, tmp_path, case):
     defaults.update(dict(zip(arguments[::2], arguments[1::2])))
     completed = run_tool(*[str(v) for pair in defaults.items() for v in pair], "--iou-type", "bbox", "segm")
     assert completed.returncode == 2
-    assert message in completed.stderr and len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+    assert completed.stderr.startswith("eval_det: error: ") and message in completed.stderr, completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
     assert "Traceback" not in completed.stderr and not (tmp_path / "metrics.json").exists()
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
@@ -164,15 +166,3 @@ def test_empty_results_give_zeros_with_a_warning(files, tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert "no detections to evaluate" in completed.stderr
     assert set(json.loads(output.read_text())["metrics"].values()) == {0.0}
-
-
-def test_atomic_write_leaves_nothing_on_error(tmp_path):
-    spec = importlib.util.spec_from_file_location("eval_det", SCRIPT)
-    eval_det = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_det)
-    target = tmp_path / "metrics.json"
-    with pytest.raises(TypeError):
-        eval_det.write_json_atomically(str(target), {"AP": object()})  # not serialisable: fails mid-write
-    assert os.listdir(tmp_path) == []
-    eval_det.write_json_atomically(str(target), {"AP": float("nan"), "nested": {"AR": 0.5}})
-    assert json.loads(target.read_text()) == {"AP": None, "nested": {"AR": 0.5}}

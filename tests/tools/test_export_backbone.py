@@ -1,8 +1,10 @@
-"""Pretrain a few steps, export with tools/export_backbone.py, and load the export everywhere strictly."""
+"""Pretrain a few steps, export with tools/export_backbone.py, and load the export everywhere strictly;
+export the backbone of a detection and a segmentation checkpoint."""
 
 from __future__ import annotations
 
-import sys
+import os
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -13,10 +15,13 @@ import torchvision
 
 from backbones import create_backbone, create_model
 from backbones.classification import ClassificationTask, ImageFolderDataModule, generate_shapes_classification
+from detection.data import ShapesDataModule
+from detection.task import DetectionTask
+from segmentation.data import ShapesSegmentationDataModule
+from segmentation.task import SegmentationTask
+from tests.tools.loader import fit_one_step, load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import export_backbone  # noqa: E402
+export_backbone = load_tool("export_backbone")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,9 @@ def test_export_loads_strictly_into_torchvision_timm_and_create_model(pretrained
     task, checkpoint = pretrained
     output = tmp_path / "resnet18.pth"
     state = export_backbone.export_backbone(checkpoint, output)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask  # readable by others, as a file they copy
     saved = torch.load(output, map_location="cpu", weights_only=True)
     assert list(saved)[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"] and "fc.weight" in saved
     assert set(saved) == set(state) == set(task.model.state_dict())
@@ -133,6 +141,65 @@ def test_bad_checkpoint_exits_2_without_output(pretrained, tmp_path, capsys, cas
         torch.save(loaded, path)
     output = tmp_path / "out" / "exported.pth"
     assert export_backbone.main([str(path), str(output), *extra]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("export_backbone: error: ") and message in err and err.count("\n") == 1, err
     assert not output.exists()
     assert not output.parent.exists() or not list(output.parent.iterdir())  # no temporary file left either
+
+
+@pytest.fixture(scope="module")
+def detection_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("detection")
+    L.seed_everything(0, verbose=False)
+    datamodule = ShapesDataModule(
+        root=str(root / "shapes"), num_train=2, num_val=1, image_size=64, batch_size=2, num_workers=0, with_masks=True
+    )
+    options = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128]}
+    task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup_steps=0)
+    return task, fit_one_step(task, datamodule, root)
+
+
+@pytest.fixture(scope="module")
+def segmentation_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segmentation")
+    L.seed_everything(0, verbose=False)
+    datamodule = ShapesSegmentationDataModule(
+        root=str(root / "shapes"), num_train=2, num_val=1, image_size=40, batch_size=2, num_workers=0
+    )
+    task = SegmentationTask(
+        model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32, "norm": "gn"}
+    )
+    return task, fit_one_step(task, datamodule, root)
+
+
+@pytest.mark.parametrize("kind", ["detection", "segmentation"])
+def test_export_of_a_task_checkpoint_loads_into_the_plain_backbone(
+    detection_checkpoint, segmentation_checkpoint, tmp_path, capsys, kind
+):
+    task, checkpoint = detection_checkpoint if kind == "detection" else segmentation_checkpoint
+    output = tmp_path / f"{kind}_backbone.pth"
+    assert export_backbone.main([str(checkpoint), str(output)]) == 0
+    options = {"norm": "gn"} if kind == "segmentation" else {}
+    call = "create_backbone('resnet18', norm='gn', " if options else "create_backbone('resnet18', "
+    assert f"load them with {call}weights='{output}')" in capsys.readouterr().out
+    saved = torch.load(output, map_location="cpu", weights_only=True)
+    assert list(saved)[:2] == ["conv1.weight", "bn1.weight"] and "fc.weight" not in saved
+    create_backbone("resnet18", **options).load_state_dict(saved, strict=True)  # torch's own strict load too
+    stride = {"output_stride": 16} if kind == "segmentation" else {}  # the same weights at any stride
+    backbone = create_backbone("resnet18", weights=str(output), **options, **stride).eval()  # strict
+    trained = task.model.backbone.body if kind == "detection" else task.model.backbone
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, actual = trained.eval()(x), backbone(x)
+    for name in expected:
+        _assert_same(actual[name], expected[name])
+
+
+def test_export_of_a_task_checkpoint_refuses_ema(detection_checkpoint, tmp_path, capsys):
+    output = tmp_path / "backbone.pth"
+    assert export_backbone.main([str(detection_checkpoint[1]), str(output), "--ema"]) == 2
+    assert capsys.readouterr().err == (
+        "export_backbone: error: 'mask_rcnn_r18_fpn' is a detection checkpoint, which holds no EMA weights; "
+        "drop --ema\n"
+    )
+    assert not output.exists()

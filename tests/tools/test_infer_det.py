@@ -1,16 +1,22 @@
-"""tools/infer_det.py on a checkpoint from a one-step fit: the fast path is on by default and keeps the results."""
+"""tools/infer_det.py on a checkpoint from a one-step fit: the fast path, memory that does not grow with
+the number of images, batches, precision, subfolders and the output layout."""
 
 import json
+import os
+import shutil
+import stat
+import weakref
 
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
-from tests.tools.loader import fit_one_step, load_tool
+from tests.tools.loader import fit_one_step, load_tool, run_tool
 
 TINY = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
         "box_score_thresh": 0.0}  # a barely trained model: keep its low-scored detections
@@ -23,10 +29,26 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer_det")
     L.seed_everything(0, verbose=False)
     datamodule = ShapesDataModule(
-        root=str(root / "shapes"), num_train=2, num_val=2, image_size=64, batch_size=2, num_workers=0, with_masks=True
+        root=str(root / "shapes"), num_train=2, num_val=3, image_size=64, batch_size=2, num_workers=0, with_masks=True
     )
     task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=TINY, warmup=0)
     return fit_one_step(task, datamodule, root), datamodule.root / "val"
+
+
+def _sorted_scores(results: list[dict]) -> np.ndarray:
+    # Scores of a barely trained model nearly tie, so their order may differ: compare them sorted.
+    return np.sort([r["score"] for r in results])
+
+
+def _spy_on_model(monkeypatch, spy):
+    """Wraps the prepared detector in `spy(model, images)`."""
+    original = infer_det.prepare_for_inference
+
+    def prepare(model, **kwargs):
+        model = original(model, **kwargs)
+        return lambda images: spy(model, images)
+
+    monkeypatch.setattr(infer_det, "prepare_for_inference", prepare)
 
 
 def test_fast_path_by_default_and_same_results_without_it(checkpoint, tmp_path, monkeypatch):
@@ -50,6 +72,115 @@ def test_fast_path_by_default_and_same_results_without_it(checkpoint, tmp_path, 
     assert fast["norms_left"] == 0 and plain["norms_left"] > 0
     assert len(results["fast"]) == len(results["plain"]) > 0
     assert all("segmentation" in r for r in results["fast"])
-    # Scores of a barely trained model nearly tie, so their order may differ: compare them sorted.
-    scores = {name: np.sort([r["score"] for r in found]) for name, found in results.items()}
-    np.testing.assert_allclose(scores["fast"], scores["plain"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_sorted_scores(results["fast"]), _sorted_scores(results["plain"]), rtol=1e-4, atol=1e-6)
+
+
+def test_each_image_masks_are_encoded_and_dropped_before_the_next_image(checkpoint, tmp_path, monkeypatch):
+    """Memory stays flat in the number of images: no dense mask outlives its image."""
+    path, images = checkpoint
+    masks, alive_at_each_call, encoded = [], [], []
+
+    def spy(model, batch):
+        alive_at_each_call.append(sum(ref() is not None for ref in masks))
+        outputs = model(batch)
+        masks.extend(weakref.ref(output["masks"]) for output in outputs)
+        return outputs
+
+    original_encode = infer_det.to_coco_results
+
+    def encode(predictions, *args, **kwargs):
+        masks.extend(weakref.ref(prediction["masks"]) for prediction in predictions)
+        encoded.append(len(predictions))
+        return original_encode(predictions, *args, **kwargs)
+
+    _spy_on_model(monkeypatch, spy)
+    monkeypatch.setattr(infer_det, "to_coco_results", encode)
+    assert infer_det.main([str(path), str(images), "--output", str(tmp_path / "out")]) == 0
+    assert alive_at_each_call == [0, 0, 0]  # three images, one model call each, nothing left of the earlier ones
+    assert encoded == [1, 1, 1]  # each image's masks encoded as it is done
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 30  # 10 detections per image
+
+
+def test_batches_give_the_results_of_single_images(checkpoint, tmp_path, monkeypatch):
+    path, images = checkpoint
+    calls = []
+
+    def spy(model, batch):
+        calls.append(len(batch))
+        return model(batch)
+
+    _spy_on_model(monkeypatch, spy)
+    results = {}
+    for size in ("1", "2"):
+        assert infer_det.main([str(path), str(images), "--output", str(tmp_path / size), "--batch-size", size]) == 0
+        results[size] = json.loads((tmp_path / size / "results.json").read_text())
+    assert calls == [1, 1, 1, 2, 1]
+    written = sorted(p.name for p in (tmp_path / "2").iterdir())
+    assert written == ["000001.jpg", "000002.jpg", "000003.jpg", "results.json"]
+    for image_id in (1, 2, 3):
+        single, batched = ([r for r in results[size] if r["image_id"] == image_id] for size in ("1", "2"))
+        np.testing.assert_allclose(_sorted_scores(single), _sorted_scores(batched), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_runs_the_network_in_bf16_and_returns_fp32(checkpoint, tmp_path, monkeypatch):
+    path, images = checkpoint
+    feature_dtypes = []
+
+    def spy(model, batch):
+        hook = model.backbone.register_forward_hook(
+            lambda module, inputs, output: feature_dtypes.extend(v.dtype for v in output.values())
+        )
+        try:
+            return model(batch)
+        finally:
+            hook.remove()
+
+    _spy_on_model(monkeypatch, spy)
+    detector = infer_det.load_model(path, torch.device("cpu"))
+    image = infer_det.read_image(sorted(images.glob("*.jpg"))[0])
+    (prediction,) = infer_det.predict(detector.model, [image], torch.device("cpu"), "bf16")
+    assert set(feature_dtypes) == {torch.bfloat16}
+    assert {k: v.dtype for k, v in prediction.items()} == {
+        "boxes": torch.float32, "scores": torch.float32, "labels": torch.int64, "masks": torch.bool,
+    }  # fmt: skip
+    assert infer_det.main([str(path), str(images), "--output", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    assert len(json.loads((tmp_path / "bf16" / "results.json").read_text())) == 30
+
+
+def test_subfolders_with_recursive_and_the_output_mirrors_them(checkpoint, tmp_path, capsys):
+    path, images = checkpoint
+    source = tmp_path / "source"
+    for sub, name in (("a", "000001.jpg"), ("b/c", "000002.jpg")):
+        (source / sub).mkdir(parents=True)
+        shutil.copy(images / name, source / sub / name)
+    out = tmp_path / "out"
+    assert infer_det.main([str(path), str(source), "--output", str(out)]) == 2
+    assert "no images" in capsys.readouterr().err and not out.exists()
+    assert infer_det.main([str(path), str(source), "--output", str(out), "--recursive"]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "a/000001.jpg", "b/c/000002.jpg", "results.json",
+    ]  # fmt: skip
+    assert "wrote 2 pictures and 20 results" in capsys.readouterr().out
+
+
+def test_refuses_to_overwrite_the_input_images(checkpoint, tmp_path, capsys):
+    path, images = checkpoint
+    source = shutil.copytree(images, tmp_path / "images")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    assert infer_det.main([str(path), str(source), "--output", str(source)]) == 2
+    assert "000001.jpg: writing it would overwrite the input image; choose another --output" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_runs_as_a_script_with_a_rate_and_one_error_line(checkpoint, tmp_path):
+    path, images = checkpoint
+    done = run_tool("infer_det", path, images, "--output", tmp_path / "out", "--batch-size", "2")
+    assert done.returncode == 0, done.stderr
+    assert "wrote 3 pictures and 30 results" in done.stdout and "images/s)" in done.stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for written in ("results.json", "000001.jpg"):
+        assert stat.S_IMODE((tmp_path / "out" / written).stat().st_mode) == 0o666 & ~umask  # not 0600
+    failed = run_tool("infer_det", path, tmp_path / "nowhere", "--output", tmp_path / "out")
+    assert failed.returncode == 2
+    assert failed.stderr == f"infer_det: error: {tmp_path / 'nowhere'}: no such image or folder\n"

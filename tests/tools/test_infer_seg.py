@@ -1,41 +1,60 @@
 """tools/infer_seg.py on a checkpoint from a one-step fit."""
 
+import shutil
+
 import cv2
 import numpy as np
 import pytest
+import torch
 
+from backbones.data.images import read_rgb_image
 from segmentation.data import ShapesSegmentationDataModule
 from segmentation.task import SegmentationTask
-from tests.tools.loader import fit_one_step, load_tool
+from tests.tools.loader import fit_one_step, load_tool, run_tool
 
 infer_seg = load_tool("infer_seg")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")
     datamodule = ShapesSegmentationDataModule(
-        root=str(root / "shapes"), num_train=2, num_val=2, image_size=40, batch_size=2, num_workers=0
+        root=str(root / "shapes"), num_train=2, num_val=3, image_size=40, batch_size=2, num_workers=0
     )
     task = SegmentationTask(model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32})
     return fit_one_step(task, datamodule, root), datamodule.root / "val"
 
 
+def _images(folder):
+    return [read_rgb_image(path) for path in sorted(folder.glob("*.jpg"))]
+
+
+def _assert_same_logits(actual, expected, what):
+    """Equal to a tolerance well below how much the logits vary, so that a real difference is caught."""
+    spread = (expected - expected.mean(1, keepdim=True)).std().item()  # across classes and pixels
+    tolerance = 1e-3 * spread
+    assert spread > 0 and torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance, msg=lambda m: f"{what}: {m}")
+
+
 def test_overlays_for_a_folder_and_an_image(checkpoint, tmp_path):
     path, images = checkpoint
-    written = infer_seg.main([str(path), str(images), "--output", str(tmp_path / "out"), "--save-masks"])
-    assert [p.name for p in written] == ["000001_overlay.png", "000002_overlay.png"]
-    overlay = cv2.imread(str(written[0]))
+    assert infer_seg.main([str(path), str(images), "--output", str(tmp_path / "out"), "--save-masks"]) == 0
+    names = ["000001_mask.png", "000001_overlay.png", "000002_mask.png", "000002_overlay.png", "000003_mask.png",
+             "000003_overlay.png"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names  # no temporary files left behind
+    overlay = cv2.imread(str(tmp_path / "out" / "000001_overlay.png"))
     mask = cv2.imread(str(tmp_path / "out" / "000001_mask.png"), cv2.IMREAD_UNCHANGED)
     assert overlay.shape == (40, 40, 3) and mask.shape == (40, 40) and mask.max() < 4
-    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind
-    single = infer_seg.main([str(path), str(images / "000002.jpg"), "--output", str(tmp_path / "one"), "--size", "64"])
-    assert [p.name for p in single] == ["000002_overlay.png"]
+    single = [str(path), str(images / "000002.jpg"), "--output", str(tmp_path / "one"), "--size", "64"]
+    assert infer_seg.main(single) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["000002_overlay.png"]
 
 
 def test_checkpoint_keeps_classes_for_inference(checkpoint):
-    task = infer_seg.load_task(checkpoint[0], "cpu")
-    assert task.hparams.num_classes == 4 and task.hparams.class_names[0] == "__background__"
+    segmenter = infer_seg.load_model(checkpoint[0], CPU)
+    assert segmenter.class_names == ["__background__", "circle", "square", "triangle"]
 
 
 def test_overlay_leaves_background_uncoloured():
@@ -45,21 +64,79 @@ def test_overlay_leaves_background_uncoloured():
     assert (result[0, 0] == 100).all() and (result[0, 1] == infer_seg.palette(3)[1]).all()
 
 
-@pytest.mark.parametrize("which", ["checkpoint", "input"])
-def test_missing_path_is_a_clear_error(checkpoint, tmp_path, capsys, which):
-    args = {"checkpoint": str(checkpoint[0]), "input": str(checkpoint[1])}
+@pytest.mark.parametrize("which", ["checkpoint", "source"])
+def test_missing_path_is_one_error_line(checkpoint, tmp_path, capsys, which):
+    args = {"checkpoint": str(checkpoint[0]), "source": str(checkpoint[1])}
     args[which] = str(tmp_path / "nowhere")
-    with pytest.raises(SystemExit) as error:
-        infer_seg.main([args["checkpoint"], args["input"], "--output", str(tmp_path / "out")])
-    assert error.value.code == 2
-    assert f"{which} '{tmp_path / 'nowhere'}' does not exist" in capsys.readouterr().err
+    assert infer_seg.main([args["checkpoint"], args["source"], "--output", str(tmp_path / "out")]) == 2
+    message = {"checkpoint": f"checkpoint '{tmp_path / 'nowhere'}' does not exist",
+               "source": f"{tmp_path / 'nowhere'}: no such image or folder"}[which]  # fmt: skip
+    assert capsys.readouterr().err == f"infer_seg: error: {message}\n"
+    assert not (tmp_path / "out").exists()
 
 
-def test_fused_fast_path_gives_the_masks_of_the_unfused_model(checkpoint, tmp_path):
+def test_fused_fast_path_gives_the_logits_of_the_unfused_model(checkpoint):
     path, images = checkpoint
-    for flags, name in (([], "fast"), (["--no-fuse"], "plain")):
-        infer_seg.main([str(path), str(images), "--output", str(tmp_path / name), "--save-masks", *flags])
-    for mask in ("000001_mask.png", "000002_mask.png"):
-        fast = cv2.imread(str(tmp_path / "fast" / mask), cv2.IMREAD_UNCHANGED)
-        plain = cv2.imread(str(tmp_path / "plain" / mask), cv2.IMREAD_UNCHANGED)
-        np.testing.assert_array_equal(fast, plain)
+    batch = _images(images)
+    fast, plain = (infer_seg.load_model(path, CPU, fuse=fuse).model for fuse in (True, False))
+    _assert_same_logits(infer_seg.predict(fast, batch, CPU), infer_seg.predict(plain, batch, CPU), "fused")
+
+
+def test_a_batch_gives_the_logits_of_single_images(checkpoint):
+    path, images = checkpoint
+    batch = _images(images)
+    model = infer_seg.load_model(path, CPU).model
+    together = infer_seg.predict(model, batch, CPU)
+    one_by_one = torch.cat([infer_seg.predict(model, [image], CPU) for image in batch])
+    assert together.shape == (3, 4, 40, 40)
+    _assert_same_logits(together, one_by_one, "batched")
+
+
+def test_bf16_runs_the_network_in_bf16_and_returns_fp32_logits(checkpoint, tmp_path):
+    path, images = checkpoint
+    batch = _images(images)
+    segmenter = infer_seg.load_model(path, CPU)
+    dtypes = []
+    segmenter.model.model.backbone.register_forward_hook(
+        lambda module, inputs, output: dtypes.extend(v.dtype for v in output.values())
+    )
+    logits = infer_seg.predict(segmenter.model, batch, CPU, "bf16")
+    assert set(dtypes) == {torch.bfloat16}
+    reference = infer_seg.predict(segmenter.model, batch, CPU, "fp32")
+    assert logits.dtype == torch.float32 and logits.shape == reference.shape
+    assert (logits - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 keeps about 3 digits
+    args = [str(path), str(images), "--output", str(tmp_path / "bf16"), "--precision", "bf16", "--batch-size", "2"]
+    assert infer_seg.main(args) == 0
+    assert len(list((tmp_path / "bf16").glob("*_overlay.png"))) == 3
+
+
+def test_batches_hold_one_image_size(checkpoint, tmp_path, monkeypatch):
+    path, images = checkpoint
+    source = shutil.copytree(images, tmp_path / "images")
+    image = cv2.imread(str(source / "000002.jpg"))
+    cv2.imwrite(str(source / "000002.jpg"), cv2.resize(image, (48, 40)))  # (H, W) 40 x 48
+    sizes, original = [], infer_seg.predict
+
+    def spy(model, batch, *args):
+        sizes.append([image.shape[:2] for image in batch])
+        return original(model, batch, *args)
+
+    monkeypatch.setattr(infer_seg, "predict", spy)
+    assert infer_seg.main([str(path), str(source), "--output", str(tmp_path / "out"), "--batch-size", "3"]) == 0
+    assert sizes == [[(40, 40)], [(40, 48)], [(40, 40)]]
+    assert cv2.imread(str(tmp_path / "out" / "000002_overlay.png")).shape == (40, 48, 3)
+
+
+def test_recursive_mirrors_subfolders_as_infer_det_does(checkpoint, tmp_path):
+    path, images = checkpoint
+    source = tmp_path / "source"
+    (source / "a").mkdir(parents=True)
+    shutil.copy(images / "000001.jpg", source / "a" / "000001.jpg")
+    shutil.copy(images / "000002.jpg", source / "000002.jpg")
+    out = tmp_path / "out"
+    done = run_tool("infer_seg", path, source, "--output", out, "--recursive", "--save-masks")
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 overlays and masks" in done.stdout and "images/s)" in done.stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "000002_mask.png", "000002_overlay.png", "a/000001_mask.png", "a/000001_overlay.png",
+    ]  # fmt: skip

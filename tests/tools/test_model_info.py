@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import runpy
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.tools.loader import load_tool
-
-SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "model_info.py"
+from tests.tools.loader import load_tool, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +57,8 @@ def test_model_info_count_matches_printed_values(model_info):
     assert macs == pytest.approx(1.814 * (128 / 224) ** 2, rel=1e-3)
 
 
-def test_model_info_unknown_name_exits_non_zero(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "resnet18x"])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    assert exit_info.value.code not in (0, None)
-    captured = capsys.readouterr()
-    assert "resnet18x" in captured.err
-    assert "resnet18" in captured.err  # the close names are suggested
-    assert _table(captured.out) == {}
+def test_model_info_unknown_name_is_one_error_line():
+    done = run_tool("model_info", "resnet18x")
+    assert done.returncode == 2
+    assert done.stderr.startswith("model_info: error: unknown backbone 'resnet18x'; closest: resnet18")  # suggested
+    assert done.stderr.count("\n") == 1 and _table(done.stdout) == {}
