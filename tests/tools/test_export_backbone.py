@@ -155,7 +155,7 @@ def detection_checkpoint(tmp_path_factory):
         root=str(root / "shapes"), num_train=2, num_val=1, image_size=64, batch_size=2, num_workers=0, with_masks=True
     )
     options = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128]}
-    task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup_steps=0)
+    task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup=0)
     return task, fit_one_step(task, datamodule, root)
 
 

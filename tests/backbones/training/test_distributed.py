@@ -103,6 +103,21 @@ def _ddp_trainer(sync_batchnorm: bool, world_size: int) -> SimpleNamespace:
     return SimpleNamespace(strategy=strategy, world_size=world_size)
 
 
+@pytest.mark.parametrize("sync_batchnorm", [True, False])
+def test_lightning_keeps_the_private_layer_sync_we_replace(sync_batchnorm):
+    """Pins the private attributes `prepare_sync_batchnorm` reads and swaps: Lightning has no public setter for
+    the plugin that `Trainer(sync_batchnorm=True)` makes. A Lightning upgrade that moves them fails here, not
+    silently in a user's run (its own converter would turn frozen norms into training SyncBatchNorms)."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", sync_batchnorm=sync_batchnorm, logger=False)
+    expected = TorchSyncBatchNorm if sync_batchnorm else type(None)
+    assert type(trainer.strategy._layer_sync) is expected
+    assert type(trainer._accelerator_connector._layer_sync) is expected
+    prepare_sync_batchnorm(trainer, _resnet18(frozen_stages=1))
+    assert type(trainer.strategy._layer_sync) is (FrozenAwareSyncBatchNorm if sync_batchnorm else type(None))
+
+
 def test_prepare_sync_batchnorm_installs_the_frozen_aware_plugin():
     trainer = _ddp_trainer(sync_batchnorm=True, world_size=2)
     with warnings.catch_warnings():
