@@ -23,7 +23,7 @@ from detection.coco import (
     CocoDetection,
     collate,
     contiguous_labels,
-    load_coco,
+    load_coco_annotations,
 )
 from detection.transforms import train_transforms, val_transforms
 
@@ -38,7 +38,7 @@ __all__ = [
     "ShapesDataModule",
     "collate",
     "contiguous_labels",
-    "load_coco",
+    "load_coco_annotations",
     "read_rgb_image",
 ]
 
@@ -119,6 +119,12 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
         """The test COCO JSON, for the evaluator."""
         return self.split_paths["test"][1]
 
+    def prepare_data(self) -> None:
+        """Builds each annotation file's store (`backbones.data.coco`) once; Lightning runs this once per node."""
+        for _, annotations in self.split_paths.values():
+            if annotations is not None:
+                load_coco_annotations(annotations)
+
     def setup(self, stage: str | None = None) -> None:
         for split in self._splits_for(stage):
             self._dataset(split)
@@ -154,7 +160,7 @@ class CocoDetectionDataModule(ResumableTrainData, L.LightningDataModule):
             path = next((p for p in candidates if p), None)
             if path is None:
                 raise ValueError("no annotation file given; set train_annotations, val_annotations or test_annotations")
-            self._category_list = sorted(load_coco(path).dataset["categories"], key=lambda c: c["id"])
+            self._category_list = load_coco_annotations(path).categories  # sorted by id
         return self._category_list
 
     def _splits_for(self, stage: str | None) -> list[str]:
