@@ -101,10 +101,18 @@ class CocoDetection(Dataset):
         return self.store.num_images
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        height, width = int(self.store.heights[index]), int(self.store.widths[index])
+        pixels = read_rgb_image(self.images / self.store.file_name(index), height, width)
+        image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())  # (3, H, W)
+        target = self.target(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def target(self, index: int) -> dict[str, Any]:
+        """The target of image ``index`` before the transforms, without reading the image."""
         store = self.store
         height, width = int(store.heights[index]), int(store.widths[index])
-        pixels = read_rgb_image(self.images / store.file_name(index), height, width)
-        image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())  # (3, H, W)
         start, stop = store.annotation_range(index)
         kept = np.flatnonzero(self._kept[start:stop]) + start
         boxes = clip_xyxy(store.bboxes[kept], width, height).astype(np.float32)
@@ -118,9 +126,7 @@ class CocoDetection(Dataset):
             masks = [store.mask(a, height, width) for a in kept.tolist()]
             stacked = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
             target["masks"] = tv_tensors.Mask(torch.from_numpy(stacked))  # (N, H, W)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return target
 
     def aspect_ratio_group_ids(self) -> list[int]:
         """Group per index from the JSON sizes: 0 when width >= height, else 1."""
