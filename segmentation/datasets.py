@@ -196,9 +196,11 @@ class CocoSegmentation(Dataset):
         self.category_ids = check_category_ids(category_ids, self.store)
         self.class_names = category_class_names(self.store, self.category_ids)
         # Per annotation its class (0: a category left out), so reading a sample touches no Python objects.
-        label_of = np.zeros(int(self.store.category_ids.max(initial=0)) + 1, np.uint8)
-        label_of[self.category_ids] = np.arange(1, len(self.category_ids) + 1)
-        self._labels = label_of[self.store.category_ids]
+        chosen = np.array(self.category_ids, np.int64)
+        order = np.argsort(chosen)
+        position = np.minimum(np.searchsorted(chosen[order], self.store.category_ids), len(chosen) - 1)
+        found = chosen[order][position] == self.store.category_ids
+        self._labels = np.where(found, order[position] + 1, 0).astype(np.int32)
         self.store.check_segmentations(self._labels > 0)
         self.indices = np.arange(self.store.num_images)
         if skip_empty:
