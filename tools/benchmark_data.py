@@ -6,11 +6,11 @@ Generates (once per setting, in ``--workdir``) a synthetic COCO-train-size set: 
 640x480 with 860,001/118,287 polygon annotations per image on average (placed at random), each polygon
 8-40 points with two-decimal coordinates, 80 categories with COCO's ids; the image files are symlinks to
 a pool of 8 JPEGs. Then, each loader in a fresh subprocess: load time and peak RSS (``ru_maxrss``) of pycocotools'
-``COCO()``, torchvision's ``CocoDetection``, and ours (``detection.coco.CocoDetection`` with masks)
-first (building its cache) and cached; then a random-order pass over every sample with 2 loader
+``COCO()``, torchvision's ``CocoDetection``, and ours (``detection.coco.CocoDetection``) first (with
+masks, building its cache) and cached; then a random-order pass over every sample with 2 loader
 workers, each worker's private memory (USS: Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup)
-read every ``--every`` samples. The pass reads targets only (ours with masks decoded; torchvision's
-raw annotation lists): pixels cost the same in every reader and do not grow memory.
+read every ``--every`` samples. The pass reads targets only (ours: boxes and labels; torchvision's: its
+annotation dicts): pixels and mask decoding cost the same in every reader and do not grow memory.
 
 The same for an ImageNet-size image-folder tree (``--folder-classes`` folders, ``--folder-images``
 empty files): listing time, peak RSS and worker growth of our ``ImageFolder`` and torchvision's.
@@ -185,11 +185,14 @@ def _open_loader(mode: str, path: str, images: str):
 
         # What its __getitem__ does besides decoding the image.
         return lambda: _quiet(CocoDetection, images, path), lambda d: lambda i: d._load_target(d.ids[i])
-    if mode in ("ours-coco-first", "ours-coco-cached"):
+    if mode == "ours-coco-first":
         from detection.coco import CocoDetection
 
-        read = (lambda d: d.target) if mode == "ours-coco-cached" else None
-        return lambda: CocoDetection(images, path, with_masks=True), read
+        return lambda: CocoDetection(images, path, with_masks=True), None
+    if mode == "ours-coco-cached":  # the same store; the pass reads boxes and labels, as torchvision's reads dicts
+        from detection.coco import CocoDetection
+
+        return lambda: CocoDetection(images, path), lambda d: d.target
     if mode == "torchvision-folder":
         from torchvision.datasets import ImageFolder
 

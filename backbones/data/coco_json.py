@@ -3,13 +3,14 @@
 Every error names the file, and for an entry its id (or position) and the field. Polygons with fewer than
 3 points or an odd number of coordinates are left out, as detectron2 does (pycocotools would read a
 2-point polygon as a box and fail, and silently drop the last number of an odd one); their annotation
-ids are kept for one warning.
+ids are kept for one warning. The checks run on whole columns; the slow, per-entry ones run only to
+name the culprit once a column fails.
 """
 
 from __future__ import annotations
 
 import json
-from array import array
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_references(annotation: dict, category_ids: set, sizes: dict, path: Path) -> None:
+def _check_references(annotation: dict, category_ids: set, images: dict, path: Path) -> None:
     if annotation["category_id"] not in category_ids:
         raise AnnotationFileError(
             f"{path}: annotation id {annotation['id']} has category_id {annotation['category_id']}, "
             f"which is not among the categories; allowed ids: {sorted(category_ids)}"
         )
-    if annotation["image_id"] not in sizes:
+    if annotation["image_id"] not in images:
         raise AnnotationFileError(
             f"{path}: annotation id {annotation['id']} refers to image_id "
             f"{annotation['image_id']}, which is not among the images"
@@ -97,87 +98,106 @@ def _images(entries: list, path: Path) -> dict[Any, tuple[int, int, str]]:
     return sizes
 
 
-class _Segmentations:
-    """Accumulates polygons and RLEs in compact arrays, annotation by annotation."""
+def _malformed_segmentation(annotation: dict, path: Path) -> AnnotationFileError:
+    return AnnotationFileError(
+        f"{path}: annotation id {annotation['id']} has a segmentation that is neither a list of polygons "
+        f"([[x0, y0, x1, y1, ...], ...]) nor an RLE ({{'size': [height, width], 'counts': ...}}): "
+        f"{str(annotation['segmentation'])[:80]}"
+    )
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.kind = array("B")
-        self.polygon_starts, self.polygon_offsets, self.coords = array("q", [0]), array("q", [0]), array("d")
-        self.rle_index, self.rle_offsets, self.rle_sizes, self.rle_bytes = array("q"), array("q", [0]), array("i"), []
-        self.rle_length = 0
-        self.degenerate_ids = array("q")
 
-    def _malformed(self, annotation: dict) -> AnnotationFileError:
-        return AnnotationFileError(
-            f"{self.path}: annotation id {annotation['id']} has a segmentation that is neither a list of polygons "
-            f"([[x0, y0, x1, y1, ...], ...]) nor an RLE ({{'size': [height, width], 'counts': ...}}): "
-            f"{str(annotation['segmentation'])[:80]}"
+def _rle_bytes(annotation: dict, height: int, width: int, path: Path) -> tuple[bytes, list[int]]:
+    rle = annotation["segmentation"]
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and isinstance(counts, (str, list))):
+        raise _malformed_segmentation(annotation, path)
+    if size != [height, width]:
+        raise AnnotationFileError(
+            f"{path}: annotation id {annotation['id']} has a {size[0]}x{size[1]} (HxW) mask, "
+            f"but its image {annotation['image_id']} is {height}x{width}"
         )
+    # Uncompressed counts (crowd regions) are compressed as pycocotools' annToRLE does.
+    return (counts.encode() if isinstance(counts, str) else mask_utils.frPyObjects(rle, height, width)["counts"]), size
 
-    def add(self, annotation: dict, height: int, width: int) -> None:
+
+def _segmentations(annotations: list, order: list[int], heights: np.ndarray, widths: np.ndarray, image_of: np.ndarray,
+                   path: Path) -> dict[str, np.ndarray]:  # fmt: skip
+    """The polygons and RLEs of the annotations taken in ``order``, in flat arrays."""
+    kinds, polygon_counts, rle_index = [], [], []
+    polygons, degenerate, rles, rle_sizes = [], [], [], []
+    for k in order:
+        annotation = annotations[k]
         segmentation = annotation.get("segmentation")
-        rle = -1
-        if isinstance(segmentation, list):
-            self.kind.append(SEGMENTATION_POLYGONS)
-            for polygon in segmentation:
-                if not isinstance(polygon, list):
-                    raise self._malformed(annotation)
-                if len(polygon) < 6 or len(polygon) % 2:
-                    self.degenerate_ids.append(annotation["id"])
-                    continue
-                try:
-                    self.coords.extend(polygon)
-                except TypeError as error:
-                    raise self._malformed(annotation) from error
-                self.polygon_offsets.append(len(self.coords))
-        elif isinstance(segmentation, dict):
-            self.kind.append(SEGMENTATION_RLE)
-            rle = self._add_rle(annotation, segmentation, height, width)
+        if type(segmentation) is list:
+            good = [p for p in segmentation if type(p) is list and len(p) >= 6 and not len(p) % 2]
+            if len(good) < len(segmentation):
+                if not all(type(p) is list for p in segmentation):
+                    raise _malformed_segmentation(annotation, path)
+                degenerate += [annotation["id"]] * (len(segmentation) - len(good))
+            polygons += good
+            kinds.append(SEGMENTATION_POLYGONS)
+            polygon_counts.append(len(good))
+            rle_index.append(-1)
+        elif type(segmentation) is dict:
+            image = image_of[k]
+            data, size = _rle_bytes(annotation, int(heights[image]), int(widths[image]), path)
+            kinds.append(SEGMENTATION_RLE)
+            polygon_counts.append(0)
+            rle_index.append(len(rles))
+            rles.append(data)
+            rle_sizes.append(size)
         elif segmentation is None:
-            self.kind.append(SEGMENTATION_NONE)
+            kinds.append(SEGMENTATION_NONE)
+            polygon_counts.append(0)
+            rle_index.append(-1)
         else:
-            raise self._malformed(annotation)
-        self.polygon_starts.append(len(self.polygon_offsets) - 1)
-        self.rle_index.append(rle)
+            raise _malformed_segmentation(annotation, path)
+    lengths = np.fromiter(map(len, polygons), np.int64, len(polygons))
+    try:
+        coords = np.fromiter(chain.from_iterable(polygons), np.float64, int(lengths.sum()))
+    except (TypeError, ValueError):
+        culprit = next(annotations[k] for k in order if not _numbers_only(annotations[k].get("segmentation")))
+        raise _malformed_segmentation(culprit, path) from None
+    return {
+        "segmentation_kind": np.array(kinds, np.uint8),
+        "polygon_starts": np.cumsum([0, *polygon_counts], dtype=np.int64),
+        "polygon_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "polygon_coords": coords,
+        "rle_index": np.array(rle_index, np.int64),
+        "rle_offsets": np.cumsum([0, *map(len, rles)], dtype=np.int64),
+        "rle_sizes": np.array(rle_sizes, np.int32).reshape(-1, 2),
+        "rle_bytes": np.frombuffer(b"".join(rles), np.uint8),
+        "degenerate_polygon_ids": np.array(degenerate, np.int64),
+    }
 
-    def _add_rle(self, annotation: dict, rle: dict, height: int, width: int) -> int:
-        size, counts = rle.get("size"), rle.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and isinstance(counts, (str, list))):
-            raise self._malformed(annotation)
-        if size != [height, width]:
-            raise AnnotationFileError(
-                f"{self.path}: annotation id {annotation['id']} has a {size[0]}x{size[1]} (HxW) mask, "
-                f"but its image {annotation['image_id']} is {height}x{width}"
-            )
-        # Uncompressed counts (crowd regions) are compressed as pycocotools' annToRLE does.
-        data = counts.encode() if isinstance(counts, str) else mask_utils.frPyObjects(rle, height, width)["counts"]
-        self.rle_bytes.append(data)
-        self.rle_length += len(data)
-        self.rle_offsets.append(self.rle_length)
-        self.rle_sizes.extend(size)
-        return len(self.rle_offsets) - 2
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "segmentation_kind": np.frombuffer(self.kind, np.uint8),
-            "polygon_starts": np.frombuffer(self.polygon_starts, np.int64),
-            "polygon_offsets": np.frombuffer(self.polygon_offsets, np.int64),
-            "polygon_coords": np.frombuffer(self.coords, np.float64),
-            "rle_index": np.frombuffer(self.rle_index, np.int64),
-            "rle_offsets": np.frombuffer(self.rle_offsets, np.int64),
-            "rle_sizes": np.frombuffer(self.rle_sizes, np.int32).reshape(-1, 2),
-            "rle_bytes": np.frombuffer(b"".join(self.rle_bytes), np.uint8),
-            "degenerate_polygon_ids": np.frombuffer(self.degenerate_ids, np.int64),
-        }
+def _numbers_only(segmentation: Any) -> bool:
+    return not isinstance(segmentation, list) or all(map(_is_number, chain.from_iterable(segmentation)))
+
+
+def _annotation_columns(annotations: list, category_ids: set, position_of: dict, path: Path):
+    """Ids, image positions, category ids and boxes of every annotation, checked; errors name the first culprit."""
+    try:
+        ids, images, categories, bboxes = ([a[f] for a in annotations] for f in REQUIRED_KEYS["annotations"])
+    except (KeyError, TypeError):
+        for position, entry in enumerate(annotations):
+            _check_entry(entry, "annotations", position, path)
+        raise
+    image_of = np.fromiter((position_of.get(i, -1) for i in images), np.int64, len(images))
+    known = np.fromiter((c in category_ids for c in categories), bool, len(categories))
+    try:
+        boxes = np.array(bboxes, np.float64).reshape(-1, 4)
+        boxes_ok = boxes.shape[0] == len(bboxes) and all(type(b) is list and len(b) == 4 for b in bboxes)
+    except (TypeError, ValueError):
+        boxes_ok = False
+    bad = np.flatnonzero(~known | (image_of < 0))
+    for index in [*bad[:1].tolist(), *([] if boxes_ok else range(len(annotations)))]:
+        _check_references(annotations[index], category_ids, position_of, path)  # raises for the culprit
+    return np.array(ids, np.int64), image_of, np.array(categories, np.int64), boxes
 
 
 def build_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Parses and validates a COCO instances JSON; returns the store's arrays and the sorted categories.
-
-    Annotation dicts are released as they are copied into the arrays, so the peak memory is the
-    parsed JSON's rather than the JSON's plus an index's.
-    """
+    """Parses and validates a COCO instances JSON; returns the store's arrays and the sorted categories."""
     dataset = _read_json(path)
     if not isinstance(dataset, dict):
         raise AnnotationFileError(f"{path}: top level is {type(dataset).__name__}, expected a JSON object")
@@ -187,42 +207,29 @@ def build_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[dict]]:
     for position, entry in enumerate(dataset["categories"]):
         _check_entry(entry, "categories", position, path)
     categories = sorted(dataset["categories"], key=lambda c: c["id"])
-    category_ids = {c["id"] for c in categories}
     sizes = _images(dataset["images"], path)
     image_ids = sorted(sizes)
     position_of = {image_id: position for position, image_id in enumerate(image_ids)}
+    heights = np.array([sizes[i][0] for i in image_ids], np.int32)
+    widths = np.array([sizes[i][1] for i in image_ids], np.int32)
 
     annotations = dataset["annotations"]
-    image_of = np.empty(len(annotations), np.int64)
-    for index, annotation in enumerate(annotations):
-        _check_entry(annotation, "annotations", index, path)
-        _check_references(annotation, category_ids, sizes, path)
-        image_of[index] = position_of[annotation["image_id"]]
+    ids, image_of, category, bboxes = _annotation_columns(annotations, {c["id"] for c in categories}, position_of, path)
     order = np.argsort(image_of, kind="stable")  # by image, each image's annotations in file order
-
-    ids, category, bboxes, crowd = array("q"), array("q"), array("d"), array("B")
-    segmentations = _Segmentations(path)
-    for index in order.tolist():
-        annotation, annotations[index] = annotations[index], None
-        ids.append(annotation["id"])
-        category.append(annotation["category_id"])
-        bboxes.extend(annotation["bbox"])
-        crowd.append(bool(annotation.get("iscrowd", 0)))
-        height, width, _ = sizes[annotation["image_id"]]
-        segmentations.add(annotation, height, width)
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in annotations])
+    segmentations = _segmentations(annotations, order.tolist(), heights, widths, image_of, path)
 
     names = [sizes[i][2].encode() for i in image_ids]
-    arrays = {
+    return {
         "image_ids": np.array(image_ids, np.int64),
-        "heights": np.array([sizes[i][0] for i in image_ids], np.int32),
-        "widths": np.array([sizes[i][1] for i in image_ids], np.int32),
+        "heights": heights,
+        "widths": widths,
         "file_name_offsets": np.cumsum([0, *map(len, names)], dtype=np.int64),
         "file_name_bytes": np.frombuffer(b"".join(names), np.uint8),
         "annotation_starts": np.searchsorted(image_of[order], np.arange(len(image_ids) + 1)).astype(np.int64),
-        "annotation_ids": np.frombuffer(ids, np.int64),
-        "category_ids": np.frombuffer(category, np.int64),
-        "bboxes": np.frombuffer(bboxes, np.float64).reshape(-1, 4),
-        "iscrowd": np.frombuffer(crowd, np.bool_),
-        **segmentations.arrays(),
-    }
-    return arrays, categories
+        "annotation_ids": ids[order],
+        "category_ids": category[order],
+        "bboxes": bboxes[order],
+        "iscrowd": crowd[order].astype(bool),
+        **segmentations,
+    }, categories
