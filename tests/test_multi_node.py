@@ -85,4 +85,4 @@ def test_two_nodes_validate_as_one_process(tmp_path):
     for key, value in one_process.items():
         assert two_nodes[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
     for cache in ("cache0", "cache1", "cache_single"):  # one store per annotation file on every node
-        assert len(list((tmp_path / cache / "coco").iterdir())) == 1  # the validation JSON
+        assert len(list((tmp_path / cache / "coco").glob("*/COMPLETE"))) == 1  # the validation JSON

@@ -86,18 +86,18 @@ class ImageFolder(Dataset):
             )
         # Paths in one bytes buffer and labels in an array, not a list of tuples: with 1.28 M images a
         # list of Python objects costs ~200 MB per process and loader workers copy it as they read it.
-        paths, labels = [], []
-        for name in present:
-            files = _image_files(self.folder / name)
+        chunks, lengths, labels = [], [], []
+        for name in present:  # one class folder at a time: the peak is one folder's list of names
+            files = [os.fsencode(path) for path in _image_files(self.folder / name)]
             if not files:
                 raise ImageFolderError(
                     f"class folder {self.folder / name} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
                 )
-            paths += files
+            chunks.append(b"".join(files))
+            lengths.append(np.fromiter(map(len, files), np.int64, len(files)))
             labels.append(np.full(len(files), label_of[name], np.int32))
-        encoded = [os.fsencode(path) for path in paths]
-        self._path_offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
-        self._path_bytes = np.frombuffer(b"".join(encoded), np.uint8)
+        self._path_offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+        self._path_bytes = np.frombuffer(b"".join(chunks), np.uint8)
         self.targets = np.concatenate(labels)  # (N,) int32 label per image
 
     @property

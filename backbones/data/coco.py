@@ -211,7 +211,8 @@ def load_coco_annotations(
 
     The store is written under ``cache_dir / "coco" / <sha256 of the file>`` (default
     `backbones.data.cache.default_cache_dir`, i.e. ``$RESBONE_CACHE``), atomically, so concurrent
-    processes are safe; later calls in any process memory-map it. Within a process the same
+    processes are safe; later calls in any process memory-map it. The hash of a file is remembered
+    with its path, size and modification time, so an unchanged file is not read again. Within a process the same
     unchanged file gives the same object. If the cache cannot be written the store is kept in memory.
 
     Args:
@@ -243,8 +244,30 @@ def _build_in_memory(path: Path) -> CocoAnnotations:
     return CocoAnnotations(path, arrays, categories, None)
 
 
-def _open(path: Path, root: Path, size: int) -> CocoAnnotations:
+def _content_hash(path: Path, root: Path) -> str:
+    """The file's sha256; remembered per path, size and mtime so that an unchanged file is not read again."""
+    stat = path.stat()
+    record = root / "hashes" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()}.json"
+    known = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        remembered = json.loads(record.read_text())
+        if {key: remembered.get(key) for key in known} == known:
+            return remembered["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass  # not remembered yet, or unreadable: hash the file
     digest = _sha256(path)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        staging = record.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps({**known, "sha256": digest}))
+        os.replace(staging, record)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return digest
+
+
+def _open(path: Path, root: Path, size: int) -> CocoAnnotations:
+    digest = _content_hash(path, root)
     folder = root / digest
     marker = {"format": FORMAT_VERSION, "size": size, "sha256": digest}
     built: list[CocoAnnotations] = []
@@ -268,9 +291,10 @@ def check_images_exist(store: CocoAnnotations, images: Path) -> None:
     """Raises FileNotFoundError naming the image folder and a few of the files it lacks."""
     if not images.is_dir():
         raise FileNotFoundError(f"image folder {images} (for {store.path}) does not exist")
-    present = set(os.listdir(images))
-    names = (store.file_name(i) for i in range(store.num_images))
-    missing = [n for n in names if n not in present and not (images / n).is_file()]  # is_file: sub-folders
+    present = set(os.listdir(os.fsencode(images)))  # compared as bytes: no string per image is made
+    names, offsets = store.file_name_bytes.tobytes(), store.file_name_offsets.tolist()
+    absent = (names[a:b] for a, b in zip(offsets[:-1], offsets[1:]) if names[a:b] not in present)
+    missing = [n.decode() for n in absent if not (images / n.decode()).is_file()]  # is_file: in sub-folders
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {store.num_images} images listed in {store.path} are missing "

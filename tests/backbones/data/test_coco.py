@@ -159,11 +159,12 @@ def test_second_load_maps_the_cache_without_parsing(tmp_path, monkeypatch):
     assert isinstance(first.bboxes, np.memmap) and isinstance(first.polygon_coords, np.memmap)
     monkeypatch.setattr(coco_store, "_OPEN", {})  # as a new process
     monkeypatch.setattr(coco_store, "build_arrays", lambda path: pytest.fail("parsed the JSON again"))
+    monkeypatch.setattr(coco_store, "_sha256", lambda path: pytest.fail("hashed the unchanged file again"))
     second = load_coco_annotations(path)
     assert second is not first and second.categories == first.categories
     for name, array in first._arrays.items():
         np.testing.assert_array_equal(getattr(second, name), array)
-    assert len(list((tmp_path / "cache" / "coco").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "coco").glob("*/COMPLETE"))) == 1
 
 
 def test_changed_file_gets_a_new_store(tmp_path):
@@ -174,7 +175,7 @@ def test_changed_file_gets_a_new_store(tmp_path):
     path.write_text(json.dumps(content))
     after = load_coco_annotations(path)
     assert len(after.categories) == len(before.categories) + 1
-    assert len(list((tmp_path / "cache" / "coco").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "coco").glob("*/COMPLETE"))) == 2
 
 
 def test_pickled_store_maps_the_files_again(tmp_path):
