@@ -1,4 +1,4 @@
-"""COCO-format detection files and dataset: reading and validating the JSON, the dataset, batching.
+"""COCO-format detection dataset and batching; the JSON is read and validated by `backbones.data.coco`.
 
 Images are decoded with OpenCV; targets follow torchvision's detection convention
 (``boxes`` XYXY in pixels, ``labels`` in 1..K with 0 the background, ``masks`` (N, H, W)).
@@ -8,21 +8,28 @@ The Lightning data modules that serve them are in ``detection.data``.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from backbones.data.coco import (
+    MAX_NAMES_IN_ERROR,
+    REQUIRED_KEYS,
+    AnnotationFileError,
+    CocoAnnotations,
+    check_images_exist,
+    clip_xyxy,
+    contiguous_labels,
+    load_coco_annotations,
+    names_and_more,
+)
 from backbones.data.images import read_rgb_image
 
 __all__ = [
@@ -32,93 +39,10 @@ __all__ = [
     "CocoDetection",
     "collate",
     "contiguous_labels",
-    "load_coco",
+    "load_coco_annotations",
 ]
 
 logger = logging.getLogger(__name__)
-
-REQUIRED_KEYS = {
-    "images": ("id", "file_name", "width", "height"),
-    "annotations": ("id", "image_id", "category_id", "bbox"),
-    "categories": ("id", "name"),
-}
-MAX_NAMES_IN_ERROR = 5
-
-
-class AnnotationFileError(ValueError):
-    """A COCO annotation file is malformed or inconsistent."""
-
-
-def load_coco(path: str | os.PathLike) -> COCO:
-    """Loads and validates a COCO annotation file.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        AnnotationFileError: invalid JSON (with line and column), a missing top-level
-            key or entry field, or an annotation referring to an unknown category or image.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} does not exist")
-    try:
-        with open(path) as f:
-            dataset = json.load(f)
-    except json.JSONDecodeError as error:
-        raise AnnotationFileError(
-            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from error
-    _check_structure(dataset, path)
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-        coco.createIndex()
-    _check_references(coco, path)
-    return coco
-
-
-def _check_structure(dataset: Any, path: Path) -> None:
-    if not isinstance(dataset, dict):
-        raise AnnotationFileError(f"{path}: top level is {type(dataset).__name__}, expected a JSON object")
-    for key, fields in REQUIRED_KEYS.items():
-        if key not in dataset:
-            raise AnnotationFileError(f"{path}: missing the top-level key '{key}'")
-        for position, entry in enumerate(dataset[key]):
-            missing = [field for field in fields if field not in entry]
-            if missing:
-                raise AnnotationFileError(f"{path}: '{key}' entry #{position} lacks {missing}: {entry}")
-
-
-def _check_references(coco: COCO, path: Path) -> None:
-    for annotation in coco.dataset["annotations"]:
-        if annotation["category_id"] not in coco.cats:
-            raise AnnotationFileError(
-                f"{path}: annotation id {annotation['id']} has category_id {annotation['category_id']}, "
-                f"which is not among the categories; allowed ids: {sorted(coco.cats)}"
-            )
-        if annotation["image_id"] not in coco.imgs:
-            raise AnnotationFileError(
-                f"{path}: annotation id {annotation['id']} refers to image_id "
-                f"{annotation['image_id']}, which is not among the images"
-            )
-
-
-def contiguous_labels(categories: Iterable[dict]) -> dict[int, int]:
-    """Maps contiguous labels 1..K to COCO category ids, in id order (0 is background).
-
-    Example:
-        >>> contiguous_labels([{"id": 7}, {"id": 1}, {"id": 3}])
-        {1: 1, 2: 3, 3: 7}
-    """
-    return {label: category_id for label, category_id in enumerate(sorted(c["id"] for c in categories), 1)}
-
-
-def _xyxy_in_image(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
-    x, y, w, h = bbox
-    return (min(max(x, 0), width), min(max(y, 0), height), min(max(x + w, 0), width), min(max(y + h, 0), height))
-
-
-def _has_area(box: tuple[float, float, float, float]) -> bool:
-    return box[2] > box[0] and box[3] > box[1]
 
 
 class CocoDetection(Dataset):
@@ -126,13 +50,16 @@ class CocoDetection(Dataset):
 
     Crowd annotations are left out of the targets (COCO evaluation still reads them from
     the JSON); boxes are clipped to the image and those left without area are dropped.
-    Images without annotations are kept with empty targets.
+    With masks, annotations left without a valid polygon are dropped too (as detectron2 does).
+    Images without annotations are kept with empty targets. The annotations are read through
+    the shared, memory-mapped store of `backbones.data.coco` (built once per file).
 
     Args:
         images: folder that ``file_name`` entries are relative to.
         annotations: COCO instances JSON file.
         transforms: called as ``image, target = transforms(image, target)``.
         with_masks: also return instance masks decoded from polygons or RLE.
+        store: the file's already opened store (default: `load_coco_annotations(annotations)`).
 
     Example:
         >>> dataset = CocoDetection("val2017", "instances_val2017.json", with_masks=True)
@@ -147,28 +74,23 @@ class CocoDetection(Dataset):
         annotations: str | os.PathLike,
         transforms: Callable | None = None,
         with_masks: bool = False,
+        store: CocoAnnotations | None = None,
     ) -> None:
         self.images = Path(images)
         self.annotations = Path(annotations)
         self.transforms = transforms
         self.with_masks = with_masks
-        self.coco = load_coco(self.annotations)
-        self.ids = sorted(self.coco.imgs)
-        self._check_images_exist()
-        self.label_to_category_id = contiguous_labels(self.coco.dataset["categories"])
+        self.store = store if store is not None else load_coco_annotations(self.annotations)
+        check_images_exist(self.store, self.images)
+        self.label_to_category_id = contiguous_labels(self.store.categories)
         self.category_id_to_label = {c: label for label, c in self.label_to_category_id.items()}
-        names = [self.coco.cats[c]["name"] for c in self.label_to_category_id.values()]
-        self.category_names = ["__background__", *names]
-        self._targets, dropped = self._select_annotations()
-        self.num_dropped_boxes = len(dropped)
-        if dropped:
-            logger.warning(
-                "%s: dropped %d box(es) with zero or negative width or height inside the image (annotation ids %s)",
-                self.annotations,
-                len(dropped),
-                ", ".join(map(str, dropped[:MAX_NAMES_IN_ERROR]))
-                + (", ..." if len(dropped) > MAX_NAMES_IN_ERROR else ""),
-            )
+        self.category_names = ["__background__", *(c["name"] for c in self.store.categories)]
+        self._kept = self._select_annotations()
+
+    @property
+    def ids(self) -> list[int]:
+        """Image ids in index order (ascending)."""
+        return self.store.image_ids.tolist()
 
     @property
     def num_classes(self) -> int:
@@ -176,74 +98,64 @@ class CocoDetection(Dataset):
         return len(self.category_names)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.store.num_images
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        height, width = info["height"], info["width"]
-        pixels = read_rgb_image(self.images / info["file_name"], height, width)
+        height, width = int(self.store.heights[index]), int(self.store.widths[index])
+        pixels = read_rgb_image(self.images / self.store.file_name(index), height, width)
         image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())  # (3, H, W)
-        annotations = self._targets[image_id]
-        boxes = [_xyxy_in_image(a["bbox"], width, height) for a in annotations]
-        labels = [self.category_id_to_label[a["category_id"]] for a in annotations]
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(height, width)
-            ),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "image_id": image_id,
-            "orig_size": torch.tensor([height, width]),
-        }
-        if self.with_masks:
-            target["masks"] = tv_tensors.Mask(self._masks(annotations, height, width))  # (N, H, W)
+        target = self.target(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 
+    def target(self, index: int) -> dict[str, Any]:
+        """The target of image ``index`` before the transforms, without reading the image."""
+        store = self.store
+        height, width = int(store.heights[index]), int(store.widths[index])
+        start, stop = store.annotation_range(index)
+        kept = np.flatnonzero(self._kept[start:stop]) + start
+        boxes = clip_xyxy(store.bboxes[kept], width, height).astype(np.float32)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY", canvas_size=(height, width)),
+            "labels": torch.from_numpy(store.label_of(store.category_ids[kept])),
+            "image_id": int(store.image_ids[index]),
+            "orig_size": torch.tensor([height, width]),
+        }
+        if self.with_masks:
+            masks = [store.mask(a, height, width) for a in kept.tolist()]
+            stacked = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(stacked))  # (N, H, W)
+        return target
+
     def aspect_ratio_group_ids(self) -> list[int]:
         """Group per index from the JSON sizes: 0 when width >= height, else 1."""
-        return [0 if self.coco.imgs[i]["width"] >= self.coco.imgs[i]["height"] else 1 for i in self.ids]
+        return (self.store.widths < self.store.heights).astype(np.int64).tolist()
 
-    def _check_images_exist(self) -> None:
-        if not self.images.is_dir():
-            raise FileNotFoundError(f"image folder {self.images} (for {self.annotations}) does not exist")
-        present = set(os.listdir(self.images))
-        names = [self.coco.imgs[i]["file_name"] for i in self.ids]
-        missing = [n for n in names if n not in present and not (self.images / n).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(names)} images listed in {self.annotations} are missing "
-                f"from {self.images}, e.g. {', '.join(missing[:MAX_NAMES_IN_ERROR])}"
-            )
-
-    def _select_annotations(self) -> tuple[dict[int, list[dict]], list[int]]:
-        """Per image, the annotations used as training targets; also the ids of the dropped boxes."""
-        targets, dropped = {}, []
-        for image_id in self.ids:
-            info = self.coco.imgs[image_id]
-            kept = []
-            for annotation in self.coco.imgToAnns[image_id]:
-                if annotation.get("iscrowd", 0):
-                    continue
-                if _has_area(_xyxy_in_image(annotation["bbox"], info["width"], info["height"])):
-                    kept.append(annotation)
-                else:
-                    dropped.append(annotation["id"])
-            targets[image_id] = kept
-        return targets, dropped
-
-    def _masks(self, annotations: list[dict], height: int, width: int) -> torch.Tensor:
-        if not annotations:
-            return torch.zeros((0, height, width), dtype=torch.uint8)
-        masks = [self.coco.annToMask(a) for a in annotations]
-        for annotation, mask in zip(annotations, masks):
-            if mask.shape != (height, width):  # an RLE carries its own size
-                raise AnnotationFileError(
-                    f"{self.annotations}: annotation id {annotation['id']} has a {mask.shape[0]}x{mask.shape[1]} (HxW) "
-                    f"mask, but its image {annotation['image_id']} is {height}x{width}"
-                )
-        return torch.from_numpy(np.stack(masks))
+    def _select_annotations(self) -> np.ndarray:
+        """Which annotations are training targets: not crowd, a box with area (and a mask, with masks)."""
+        store = self.store
+        boxes = store.boxes_xyxy()
+        has_area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        dropped = store.annotation_ids[~store.iscrowd & ~has_area].tolist()
+        self.num_dropped_boxes = len(dropped)
+        if dropped:
+            logger.warning(
+                "%s: dropped %d box(es) with zero or negative width or height inside the image (annotation ids %s)",
+                self.annotations, len(dropped), names_and_more(dropped),
+            )  # fmt: skip
+        kept = ~store.iscrowd & has_area
+        if self.with_masks:
+            store.check_segmentations(kept)
+            without_mask = kept & ~store.has_mask()
+            if without_mask.any():
+                ids = store.annotation_ids[without_mask].tolist()
+                logger.warning(
+                    "%s: dropped %d annotation(s) left without a valid polygon from the mask targets "
+                    "(annotation ids %s)", self.annotations, len(ids), names_and_more(ids),
+                )  # fmt: skip
+            kept &= ~without_mask
+        return kept
 
 
 def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[list, list]:

@@ -18,7 +18,7 @@ from detection.coco import (
     CocoDetection,
     collate,
     contiguous_labels,
-    load_coco,
+    load_coco_annotations,
 )
 from detection.transforms import train_transforms, val_transforms
 
@@ -33,7 +33,7 @@ __all__ = [
     "ShapesDataModule",
     "collate",
     "contiguous_labels",
-    "load_coco",
+    "load_coco_annotations",
     "read_rgb_image",
 ]
 
@@ -117,6 +117,12 @@ class CocoDetectionDataModule(TaskDataModule):
     def train_group_ids(self, dataset: CocoDetection) -> list[int]:
         return dataset.aspect_ratio_group_ids()
 
+    def prepare_data(self) -> None:
+        """Builds each annotation file's store (`backbones.data.coco`) once; Lightning runs this once per node."""
+        for _, annotations in self.split_paths.values():
+            if annotations is not None:
+                load_coco_annotations(annotations)
+
     def _categories(self) -> list[dict]:
         if self._category_list is None:
             # The smallest file usually: categories must be the same in every split.
@@ -124,7 +130,7 @@ class CocoDetectionDataModule(TaskDataModule):
             path = next((p for p in candidates if p), None)
             if path is None:
                 raise ValueError("no annotation file given; set train_annotations, val_annotations or test_annotations")
-            self._category_list = sorted(load_coco(path).dataset["categories"], key=lambda c: c["id"])
+            self._category_list = load_coco_annotations(path).categories  # sorted by id
         return self._category_list
 
     def build_dataset(self, split: str) -> CocoDetection:

@@ -17,14 +17,16 @@ from backbones.training.datamodule import BACKGROUND, TaskDataModule
 
 from .datasets import (
     IGNORE_INDEX,
+    AnnotationFileError,
     IMAGE_EXTENSIONS,
     VOC_CATEGORY_IDS,
     CocoSegmentation,
     FolderSegmentation,
     LabelFileError,
     check_category_ids,
+    category_class_names,
     collate,
-    load_coco,
+    load_coco_annotations,
     read_label_mask,
     read_rgb_image,
 )
@@ -134,9 +136,8 @@ class CocoSegmentationDataModule(SegmentationDataModule):
             given = [self.split_paths[s][1] for s in ("val", "test", "train") if self.split_paths[s][1]]
             if not given:
                 raise ValueError("no annotation file given; set train_, val_ or test_annotations with its images")
-            coco = load_coco(given[0])  # the smallest file usually; every split must have the same classes
-            ids = check_category_ids(self.category_ids, coco, Path(given[0]))
-            self._class_names = [BACKGROUND, *(coco.cats[c]["name"] for c in ids)]
+            store = load_coco_annotations(given[0])  # the smallest file usually; all splits have the same classes
+            self._class_names = category_class_names(store, check_category_ids(self.category_ids, store))
         return self._class_names
 
     @property
@@ -150,7 +151,7 @@ class CocoSegmentationDataModule(SegmentationDataModule):
             skip_empty=self.skip_empty_train and split == "train",
         )  # fmt: skip
         if dataset.class_names != self.class_names:
-            raise LabelFileError(f"{annotations}: classes {dataset.class_names} differ from {self.class_names}")
+            raise AnnotationFileError(f"{annotations}: classes {dataset.class_names} differ from {self.class_names}")
         return dataset
 
 

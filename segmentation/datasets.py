@@ -8,9 +8,6 @@ The Lightning data modules that serve them are in ``segmentation.data``.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,11 +16,11 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
+from backbones.data.coco import AnnotationFileError, CocoAnnotations, check_images_exist, load_coco_annotations
 from backbones.data.images import ImageFileError, read_rgb_image
 
 from .transforms import IGNORE_INDEX
@@ -33,12 +30,14 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "VOC_CATEGORY_IDS",
+    "AnnotationFileError",
     "CocoSegmentation",
     "FolderSegmentation",
     "LabelFileError",
     "check_category_ids",
+    "category_class_names",
     "collate",
-    "load_coco",
+    "load_coco_annotations",
     "read_label_mask",
     "read_rgb_image",
 ]
@@ -162,38 +161,15 @@ class FolderSegmentation(Dataset):
         return self.transforms(image, mask) if self.transforms is not None else (image, mask)
 
 
-def load_coco(path: str | os.PathLike) -> COCO:
-    """Loads a COCO instances file, naming the file in every error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} does not exist")
-    try:
-        dataset = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise LabelFileError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
-    missing = [key for key in ("images", "annotations", "categories") if key not in dataset]
-    if missing:
-        raise LabelFileError(f"{path}: missing the top-level key(s) {missing}")
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-        coco.createIndex()
-    for annotation in dataset["annotations"]:  # an unknown id would silently become background
-        if annotation.get("category_id") not in coco.cats or annotation.get("image_id") not in coco.imgs:
-            raise LabelFileError(
-                f"{path}: annotation id {annotation.get('id')} refers to category_id {annotation.get('category_id')} "
-                f"and image_id {annotation.get('image_id')}; the file's category ids are {sorted(coco.cats)}"
-            )
-    return coco
-
-
 class CocoSegmentation(Dataset):
     """Semantic masks made from COCO instance annotations.
 
     Class k (1..K) is the k-th of ``category_ids`` (all categories in id order when None); 0 is
     the background, which includes the objects of categories left out. Where instances of
     *different* classes overlap the pixel is ignored (255), as in torchvision's references: its
-    true class is unknown. Crowd regions of the chosen categories are ignored too.
+    true class is unknown. Crowd regions of the chosen categories are ignored too. The annotations
+    are read through the shared, memory-mapped store of `backbones.data.coco` (built once per
+    file), which also makes the checks and errors those of the detection reader.
 
     Args:
         images: folder that ``file_name`` entries are relative to.
@@ -201,6 +177,7 @@ class CocoSegmentation(Dataset):
         category_ids: the categories to segment, in class order, e.g. ``VOC_CATEGORY_IDS``.
         transforms: called as ``image, mask = transforms(image, mask)``.
         skip_empty: leave out images without any (non-crowd) instance of the chosen categories.
+        store: the file's already opened store (default: `load_coco_annotations(annotations)`).
     """
 
     def __init__(
@@ -211,81 +188,90 @@ class CocoSegmentation(Dataset):
         category_ids: Sequence[int] | None = None,
         transforms: Callable | None = None,
         skip_empty: bool = False,
+        store: CocoAnnotations | None = None,
     ):
         self.images, self.annotations = Path(images), Path(annotations)
         self.transforms = transforms
-        self.coco = load_coco(self.annotations)
-        self.category_ids = check_category_ids(category_ids, self.coco, self.annotations)
-        self.label_of = {category_id: k for k, category_id in enumerate(self.category_ids, 1)}
-        self.class_names = ["__background__", *(self.coco.cats[c]["name"] for c in self.category_ids)]
-        self.ids = sorted(self.coco.imgs)
+        self.store = store if store is not None else load_coco_annotations(self.annotations)
+        self.category_ids = check_category_ids(category_ids, self.store)
+        self.class_names = category_class_names(self.store, self.category_ids)
+        # Per annotation its class (0: a category left out), so reading a sample touches no Python objects.
+        chosen = np.array(self.category_ids, np.int64)
+        order = np.argsort(chosen)
+        position = np.minimum(np.searchsorted(chosen[order], self.store.category_ids), len(chosen) - 1)
+        found = chosen[order][position] == self.store.category_ids
+        self._labels = np.where(found, order[position] + 1, 0).astype(np.int32)
+        self.store.check_segmentations(self._labels > 0)
+        self.indices = np.arange(self.store.num_images)
         if skip_empty:
-            self.ids = [i for i in self.ids if any(self._instances(i, crowd=False))]
-        if not self.images.is_dir():
-            raise FileNotFoundError(f"image folder {self.images} (for {self.annotations}) does not exist")
+            chosen = (self._labels > 0) & ~self.store.iscrowd
+            self.indices = np.unique(self.store.annotation_image_index()[chosen])
+        check_images_exist(self.store, self.images)
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids) + 1
 
+    @property
+    def ids(self) -> list[int]:
+        """Image ids in index order (ascending)."""
+        return self.store.image_ids[self.indices].tolist()
+
     def __len__(self) -> int:
-        return len(self.ids)
-
-    def _instances(self, image_id: int, *, crowd: bool):
-        for annotation in self.coco.imgToAnns[image_id]:
-            if annotation["category_id"] in self.label_of and bool(annotation.get("iscrowd", 0)) == crowd:
-                yield annotation
-
-    def _instance_mask(self, annotation: dict, shape: tuple[int, int]) -> np.ndarray:
-        instance = self.coco.annToMask(annotation).astype(bool)
-        if instance.shape != shape:  # an RLE carries its own size
-            raise LabelFileError(
-                f"{self.annotations}: annotation id {annotation['id']} has a {instance.shape[0]}x{instance.shape[1]} "
-                f"(HxW) mask, but its image {annotation['image_id']} is {shape[0]}x{shape[1]}"
-            )
-        return instance
+        return len(self.indices)
 
     def semantic_mask(self, image_id: int) -> np.ndarray:
         """The (H, W) uint8 class mask of an image, at the size its JSON entry gives."""
-        info = self.coco.imgs[image_id]
-        mask = np.zeros((info["height"], info["width"]), np.uint8)
+        index = int(np.searchsorted(self.store.image_ids, image_id))
+        if index == self.store.num_images or self.store.image_ids[index] != image_id:
+            raise KeyError(f"image id {image_id} is not in {self.annotations}")
+        return self._semantic_mask(index)
+
+    def _semantic_mask(self, index: int) -> np.ndarray:
+        store = self.store
+        height, width = int(store.heights[index]), int(store.widths[index])
+        start, stop = store.annotation_range(index)
+        chosen = np.flatnonzero(self._labels[start:stop] > 0) + start
+        crowd = store.iscrowd[chosen]
+        mask = np.zeros((height, width), np.uint8)
         coverage = np.zeros(mask.shape, np.uint8)  # 1: one class so far, 2: classes clash
-        for annotation in self._instances(image_id, crowd=False):
-            instance = self._instance_mask(annotation, mask.shape)
-            label = self.label_of[annotation["category_id"]]
+        for annotation in chosen[~crowd].tolist():
+            instance = store.mask(annotation, height, width).astype(bool)
+            label = self._labels[annotation]
             clash = instance & (coverage > 0) & (mask != label)
             coverage[instance & (coverage == 0)] = 1
             coverage[clash] = 2
             mask[instance & (coverage == 1)] = label
         mask[coverage == 2] = IGNORE_INDEX
-        for annotation in self._instances(image_id, crowd=True):
-            mask[self._instance_mask(annotation, mask.shape)] = IGNORE_INDEX
+        for annotation in chosen[crowd].tolist():
+            mask[store.mask(annotation, height, width).astype(bool)] = IGNORE_INDEX
         return mask
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image_id = self.ids[index]
-        path = self.images / self.coco.imgs[image_id]["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} (id {image_id} in {self.annotations}) does not exist")
-        image, mask = read_rgb_image(path), self.semantic_mask(image_id)
-        if mask.shape != image.shape[:2]:
-            raise LabelFileError(
-                f"{path}: decoded size {image.shape[0]}x{image.shape[1]} (HxW) differs from the "
-                f"{mask.shape[0]}x{mask.shape[1]} given in {self.annotations}"
-            )
-        image, mask = _sample(image, mask)
+        index = int(self.indices[index])
+        height, width = int(self.store.heights[index]), int(self.store.widths[index])
+        image = read_rgb_image(self.images / self.store.file_name(index), height, width)
+        image, mask = _sample(image, self._semantic_mask(index))
         return self.transforms(image, mask) if self.transforms is not None else (image, mask)
 
 
-def check_category_ids(category_ids: Sequence[int] | None, coco: COCO, path: Path) -> list[int]:
+def check_category_ids(category_ids: Sequence[int] | None, store: CocoAnnotations) -> list[int]:
+    """The chosen category ids (all, in id order, when None); raises naming unknown or repeated ones."""
+    known = [c["id"] for c in store.categories]
     if category_ids is None:
-        return sorted(coco.cats)
-    unknown = [c for c in category_ids if c not in coco.cats]
+        return known
+    unknown = [c for c in category_ids if c not in known]
     if unknown or len(set(category_ids)) != len(category_ids) or not category_ids:
         raise ValueError(
-            f"category_ids={list(category_ids)}: unknown {unknown} or repeated or empty; {path} has {sorted(coco.cats)}"
+            f"category_ids={list(category_ids)}: unknown {unknown} or repeated or empty; {store.path} has {known}"
         )
     return [int(c) for c in category_ids]
+
+
+def category_class_names(store: CocoAnnotations, category_ids: Sequence[int]) -> list[str]:
+    """``"__background__"`` then the names of ``category_ids``, in that order."""
+    name_of = {c["id"]: c["name"] for c in store.categories}
+    return ["__background__", *(name_of[c] for c in category_ids)]
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -340,3 +340,26 @@ def test_shapes_datamodule_end_to_end(tmp_path):
     assert len(images) == 1 and images[0].shape == (3, 64, 64)
     datamodule.setup("test")
     assert len(datamodule.test_dataloader()) == 2
+
+
+def test_datamodule_reads_each_annotation_file_once(coco_files, tmp_path, monkeypatch):
+    import backbones.data.coco as coco_store
+
+    monkeypatch.setenv("RESBONE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(coco_store, "_OPEN", {})
+    parses = []
+    build = coco_store.build_arrays
+    monkeypatch.setattr(coco_store, "build_arrays", lambda path: parses.append(path) or build(path))
+    images_dir, annotations = coco_files
+    datamodule = CocoDetectionDataModule(
+        train_images=str(images_dir), train_annotations=str(annotations),
+        val_images=str(images_dir), val_annotations=str(annotations), num_workers=0,
+    )  # fmt: skip
+    datamodule.prepare_data()  # Lightning: once per node, before any process reads
+    assert datamodule.num_classes == 4 and datamodule.category_names[1] == "circle"
+    datamodule.setup("fit")
+    assert parses == [annotations]  # categories, both splits and the cross-check share one store
+    assert datamodule.datasets["train"].store is datamodule.datasets["val"].store
+    monkeypatch.setattr(coco_store, "_OPEN", {})  # another process of the node maps the cache
+    assert CocoDetection(images_dir, annotations).label_to_category_id == {1: 1, 2: 3, 3: 7}
+    assert parses == [annotations]

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 
 import cv2
@@ -6,8 +8,10 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
+from backbones.data.images import ImageFileError
 from segmentation.data import (
     IGNORE_INDEX,
     CocoSegmentation,
@@ -68,27 +72,33 @@ def instance(coco, annotation_id):
     return coco.annToMask(coco.anns[annotation_id]).astype(bool)
 
 
+def reference(coco_files):
+    """pycocotools' reading of the fixture, the reference for the masks."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(coco_files[1]))
+
+
 def test_coco_masks_classes_overlaps_and_crowd(coco_files):
-    dataset = CocoSegmentation(*coco_files)
+    dataset, coco = CocoSegmentation(*coco_files), reference(coco_files)
     assert dataset.class_names == ["__background__", "circle", "square", "triangle"]
     mask = dataset.semantic_mask(1)
-    square, circle, square2 = instance(dataset.coco, 1), instance(dataset.coco, 2), instance(dataset.coco, 3)
+    square, circle, square2 = instance(coco, 1), instance(coco, 2), instance(coco, 3)
     assert (mask[square & circle] == IGNORE_INDEX).all()  # different classes overlap: unknown
     assert (mask[square & square2 & ~circle] == 2).all()  # the same class twice: that class
     assert (mask[circle & ~square] == 1).all()
-    assert (mask[instance(dataset.coco, 4)] == 3).all()
-    assert (mask[instance(dataset.coco, 5)] == IGNORE_INDEX).all()  # crowd
+    assert (mask[instance(coco, 4)] == 3).all()
+    assert (mask[instance(coco, 5)] == IGNORE_INDEX).all()  # crowd
     assert mask[31, 0] == 0
 
 
 def test_coco_category_subset_in_given_order(coco_files):
-    dataset = CocoSegmentation(*coco_files, category_ids=[7, 3])
+    dataset, coco = CocoSegmentation(*coco_files, category_ids=[7, 3]), reference(coco_files)
     assert dataset.num_classes == 3 and dataset.class_names == ["__background__", "triangle", "square"]
     mask = dataset.semantic_mask(1)
-    circle = instance(dataset.coco, 2)
-    assert (mask[instance(dataset.coco, 4)] == 1).all()
-    assert (mask[circle & ~instance(dataset.coco, 1)] == 0).all()  # circles are not chosen: background
-    assert (mask[instance(dataset.coco, 5)] == 0).all()  # nor is their crowd region ignored
+    circle = instance(coco, 2)
+    assert (mask[instance(coco, 4)] == 1).all()
+    assert (mask[circle & ~instance(coco, 1)] == 0).all()  # circles are not chosen: background
+    assert (mask[instance(coco, 5)] == 0).all()  # nor is their crowd region ignored
     with pytest.raises(ValueError, match=r"unknown \[5\]"):
         CocoSegmentation(*coco_files, category_ids=[7, 5])
 
@@ -104,7 +114,7 @@ def test_coco_sample_types_and_skip_empty(coco_files):
 def test_coco_image_of_wrong_size_is_named(coco_files):
     images, _ = coco_files
     write_image(images / "2.jpg", 21, 20)
-    with pytest.raises(LabelFileError, match=r"2\.jpg.*21x20.*20x20"):
+    with pytest.raises(ImageFileError, match=r"2\.jpg.*21x20.*20x20"):
         CocoSegmentation(*coco_files)[1]
 
 
