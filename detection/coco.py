@@ -84,7 +84,7 @@ class CocoDetection(Dataset):
         check_images_exist(self.store, self.images)
         self.label_to_category_id = contiguous_labels(self.store.categories)
         self.category_id_to_label = {c: label for label, c in self.label_to_category_id.items()}
-        self.category_names = ["__background__", *(c["name"] for c in self.store.categories)]
+        self.class_names = ["__background__", *(c["name"] for c in self.store.categories)]
         self._kept = self._select_annotations()
 
     @property
@@ -95,7 +95,7 @@ class CocoDetection(Dataset):
     @property
     def num_classes(self) -> int:
         """Number of categories plus one for the background."""
-        return len(self.category_names)
+        return len(self.class_names)
 
     def __len__(self) -> int:
         return self.store.num_images

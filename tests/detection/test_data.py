@@ -88,7 +88,7 @@ def rewrite_json(path, edit):
 def test_label_mapping_round_trip(coco_files):
     dataset = CocoDetection(*coco_files)
     assert dataset.label_to_category_id == {1: 1, 2: 3, 3: 7}
-    assert dataset.category_names == ["__background__", "circle", "square", "triangle"]
+    assert dataset.class_names == ["__background__", "circle", "square", "triangle"]
     assert dataset.num_classes == 4
     _, target = dataset[0]
     assert [dataset.label_to_category_id[int(label)] for label in target["labels"]] == [3, 7]
@@ -356,7 +356,7 @@ def test_datamodule_reads_each_annotation_file_once(coco_files, tmp_path, monkey
         val_images=str(images_dir), val_annotations=str(annotations), num_workers=0,
     )  # fmt: skip
     datamodule.prepare_data()  # Lightning: once per node, before any process reads
-    assert datamodule.num_classes == 4 and datamodule.category_names[1] == "circle"
+    assert datamodule.num_classes == 4 and datamodule.class_names[1] == "circle"
     datamodule.setup("fit")
     assert parses == [annotations]  # categories, both splits and the cross-check share one store
     assert datamodule.datasets["train"].store is datamodule.datasets["val"].store
