@@ -6,6 +6,7 @@ plus a COCO results JSON.
 
 The model runs on the inference fast path by default: batch norms folded into the convs, channels-last
 memory and `torch.inference_mode()` (the same detections to float rounding); `--no-fuse` runs it as trained.
+An exported model (`tools/export_model.py`: .pt2 or .onnx with its .json beside it) runs as exported.
 
 Files are written to a temporary name and renamed; results.json only once every image is done. Bad input
 (a missing, corrupt, truncated or foreign checkpoint, one that would run code, an unreadable image, a
@@ -26,12 +27,14 @@ import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from backbones.export import load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.weights import load_task_checkpoint
 from detection.data import read_rgb_image
 from detection.evaluation import to_coco_results
 from detection.task import DetectionTask
 
+EXPORTED_SUFFIXES = (".pt2", ".onnx")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -95,9 +98,21 @@ def image_ids_for(images: list[Path], annotations: str | None) -> list[int]:
     return [by_name[p.name] for p in images]
 
 
+def load_model(args: argparse.Namespace) -> tuple:
+    """(model, category names, label -> category id, has masks) of a checkpoint or an exported model."""
+    if Path(args.checkpoint).suffix in EXPORTED_SUFFIXES:  # tools/export_model.py's output, with its JSON
+        model = load_exported(args.checkpoint)
+        return model, model.category_names, model.label_to_category_id, model.has_masks
+    task = load_task_checkpoint(DetectionTask, args.checkpoint, map_location=args.device)
+    model = prepare_for_inference(
+        task.model.to(args.device), fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
+    )
+    return model, task.hparams.category_names or [], task.hparams.label_to_category_id, task.is_mask_model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a DetectionTask checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", help="a DetectionTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)")
     parser.add_argument("source", help="an image or a folder of images")
     parser.add_argument("--output", default="predictions", help="folder for the pictures and results.json")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="drawn boxes only; the JSON keeps all")
@@ -109,15 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = list_images(Path(args.source))
         image_ids = image_ids_for(images, args.annotations)
-        task = load_task_checkpoint(DetectionTask, args.checkpoint, map_location=args.device)
+        model, names, label_to_category_id, is_mask_model = load_model(args)
         Path(args.output).mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as error:  # WeightsError, ImageFileError are ValueErrors
         print(f"infer_det: error: {error}", file=sys.stderr)
         return 2
-    model = prepare_for_inference(
-        task.model.to(args.device), fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
-    )
-    names = task.hparams.category_names or []
     output = Path(args.output)
     predictions = []
     with torch.inference_mode():
@@ -131,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             predictions.append(prediction)
             picture = draw(image, prediction, names, args.score_threshold)
             write_atomically(output / f"{path.stem}.jpg", lambda tmp: cv2.imwrite(tmp, picture))
-    iou_types = ("bbox", "segm") if task.is_mask_model else ("bbox",)
-    results = to_coco_results(predictions, image_ids, task.hparams.label_to_category_id, iou_types)
+    iou_types = ("bbox", "segm") if is_mask_model else ("bbox",)
+    results = to_coco_results(predictions, image_ids, label_to_category_id, iou_types)
     write_atomically(output / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results)))
     print(f"wrote {len(images)} pictures and {len(results)} results to {output}")
     return 0

@@ -5,6 +5,7 @@
 
 The model runs on the inference fast path by default: batch norms folded into the convs, channels-last
 memory and ``torch.inference_mode()``; ``--no-fuse`` runs it as trained, ``--compile`` compiles the backbone.
+An exported model (``tools/export_model.py``: .pt2 or .onnx with its .json beside it) runs as exported.
 
 Writes ``<stem>_overlay.png`` (and with ``--save-masks`` ``<stem>_mask.png``, the class indices)
 per image into the output folder. Files are written to a temporary name and renamed, so an
@@ -26,12 +27,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from backbones.export import load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.data.images import ImageFileError, read_rgb_image
 from backbones.weights import load_task_checkpoint
 from segmentation.data import IMAGE_EXTENSIONS
 from segmentation.task import SegmentationTask
 
+EXPORTED_SUFFIXES = (".pt2", ".onnx")
 BACKGROUND_NAMES = ("__background__", "background")
 
 
@@ -100,6 +103,18 @@ def load_task(checkpoint: Path, device: str) -> SegmentationTask:
     return task.eval()
 
 
+def load_model(args: argparse.Namespace) -> tuple:
+    """(model, class names) of a checkpoint or an exported model (.pt2/.onnx with its JSON, CPU)."""
+    if args.checkpoint.suffix in EXPORTED_SUFFIXES:  # tools/export_model.py's output: called like the task
+        model = load_exported(args.checkpoint)
+        return model, model.category_names
+    task = load_task(args.checkpoint, args.device)
+    prepare_for_inference(
+        task.model, fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
+    )
+    return task, task.hparams.class_names or [str(i) for i in range(task.hparams.num_classes)]
+
+
 def fail(error: Exception) -> NoReturn:
     """Bad input: one line on stderr naming the culprit, exit status 2 (as for bad arguments)."""
     print(f"infer_seg: error: {error}", file=sys.stderr)
@@ -108,7 +123,9 @@ def fail(error: Exception) -> NoReturn:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a SegmentationTask checkpoint (.ckpt)")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a SegmentationTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)"
+    )
     parser.add_argument("input", type=Path, help="an image or a folder of images")
     parser.add_argument("--output", type=Path, default=Path("outputs/segmentation"), help="output folder")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight in the overlay, 0..1")
@@ -134,14 +151,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     try:
         images = list_images(args.input)
-        task = load_task(args.checkpoint, args.device)
+        task, class_names = load_model(args)
         args.output.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as error:  # WeightsError is a ValueError
         fail(error)
-    prepare_for_inference(
-        task.model, fuse=not args.no_fuse, channels_last=not args.no_fuse, compile_backbone=args.compile
-    )
-    class_names = task.hparams.class_names or [str(i) for i in range(task.hparams.num_classes)]
     written = []
     for path in images:
         try:

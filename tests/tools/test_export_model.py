@@ -15,9 +15,13 @@ from backbones.classification import ClassificationTask, ShapesClassificationDat
 from backbones.export import ExportMismatch, check_export, check_images, load_exported, sidecar_path
 from segmentation.data import ShapesSegmentationDataModule
 from segmentation.task import SegmentationTask
+from detection.data import ShapesDataModule
+from detection.task import DetectionTask
 from tests.tools.loader import fit_one_step, load_tool
 
 export_model = load_tool("export_model")
+infer_det = load_tool("infer_det")
+infer_seg = load_tool("infer_seg")
 SUFFIX = {"export": ".pt2", "onnx": ".onnx"}
 
 
@@ -56,7 +60,7 @@ def segmenter_checkpoint(tmp_path_factory):
         model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32},
         mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
     )  # fmt: skip
-    return fit_one_step(task, data, root)
+    return fit_one_step(task, data, root), data.root / "val"
 
 
 @pytest.mark.parametrize("fmt", _formats())
@@ -85,6 +89,7 @@ def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_ch
 
 @pytest.mark.parametrize("fmt", _formats())
 def test_segmenter_checkpoint_keeps_its_normalization_and_classes(segmenter_checkpoint, tmp_path, fmt):
+    segmenter_checkpoint, _ = segmenter_checkpoint
     output = tmp_path / f"deeplab{SUFFIX[fmt]}"
     args = [str(segmenter_checkpoint), "--format", fmt, "--dynamic-batch", "--dynamic-size", "--image-size", "40", "56"]
     assert export_model.main([*args, "--output", str(output)]) == 0
@@ -102,6 +107,7 @@ def test_segmenter_checkpoint_keeps_its_normalization_and_classes(segmenter_chec
 
 
 def test_fixed_size_export_refuses_another_size(segmenter_checkpoint, tmp_path):
+    segmenter_checkpoint, _ = segmenter_checkpoint
     output = tmp_path / "fixed.pt2"
     assert export_model.main([str(segmenter_checkpoint), "--format", "export", "--image-size", "40", "48", "--output", str(output)]) == 0
     metadata = json.loads(sidecar_path(output).read_text())
@@ -213,3 +219,42 @@ def test_load_exported_needs_its_json(tmp_path):
     with pytest.raises(ValueError, match="not an export's metadata JSON"):
         load_exported(model)
     assert check_images([(33, 47)])[0].shape == (3, 33, 47)
+
+
+def test_infer_seg_gives_the_same_masks_from_the_export(segmenter_checkpoint, tmp_path):
+    checkpoint, images = segmenter_checkpoint
+    exported = tmp_path / "deeplab.pt2"
+    args = [str(checkpoint), "--format", "export", "--dynamic-size", "--image-size", "64", "64", "--output", str(exported)]
+    assert export_model.main(args) == 0
+    infer_seg.main([str(checkpoint), str(images), "--output", str(tmp_path / "eager"), "--save-masks", "--no-fuse"])
+    infer_seg.main([str(exported), str(images), "--output", str(tmp_path / "exported"), "--save-masks"])
+    for name in ("000001_mask.png", "000002_mask.png"):
+        assert (tmp_path / "eager" / name).read_bytes() == (tmp_path / "exported" / name).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", _formats())
+def test_detection_checkpoint_to_an_export_that_infer_det_runs(tmp_path, fmt):
+    L.seed_everything(0, verbose=False)
+    data = ShapesDataModule(
+        root=str(tmp_path / "shapes"), num_train=2, num_val=2, image_size=128, batch_size=2, num_workers=0,
+        with_masks=True,
+    )  # fmt: skip
+    options = {"min_size": 128, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
+               "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}  # fmt: skip
+    checkpoint = fit_one_step(DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup_steps=0), data, tmp_path)
+    exported = tmp_path / f"detector{SUFFIX[fmt]}"
+    args = [str(checkpoint), "--format", fmt, "--image-size", "128", "128", "--output", str(exported)]
+    assert export_model.main(args) == 0  # the tool's own parity check passed
+    metadata = json.loads(sidecar_path(exported).read_text())
+    assert [c["name"] for c in metadata["categories"]][0] == "__background__"
+    assert metadata["categories"][1]["id"] == 1 and metadata["outputs"][-1]["shape"] == [1, 10, 1, 28, 28]
+    images = data.root / "val"
+    assert infer_det.main([str(checkpoint), str(images), "--output", str(tmp_path / "eager"), "--no-fuse"]) == 0
+    assert infer_det.main([str(exported), str(images), "--output", str(tmp_path / "exported")]) == 0
+    eager = json.loads((tmp_path / "eager" / "results.json").read_text())
+    ours = json.loads((tmp_path / "exported" / "results.json").read_text())
+    assert len(eager) == len(ours) == 20
+    for a, b in zip(eager, ours):
+        assert a["category_id"] == b["category_id"] and a["segmentation"] == b["segmentation"]
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2) and a["score"] == pytest.approx(b["score"], abs=1e-4)
