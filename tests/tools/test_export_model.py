@@ -66,7 +66,7 @@ def segmenter_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("fmt", _formats())
 def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_checkpoint, tmp_path, fmt):
     output = tmp_path / f"classifier{SUFFIX[fmt]}"
-    args = [str(classifier_checkpoint), "--format", fmt, "--dynamic-batch", "--dynamic-size", "--image-size", "48", "64"]
+    args = [str(classifier_checkpoint), "--format", fmt, "--dynamic-batch", "--dynamic-size", "--image-size", "64", "72"]
     assert export_model.main([*args, "--output", str(output)]) == 0
     metadata = json.loads(sidecar_path(output).read_text())
     assert metadata["task"] == "classification" and metadata["format"] == fmt
@@ -91,7 +91,7 @@ def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_ch
 def test_segmenter_checkpoint_keeps_its_normalization_and_classes(segmenter_checkpoint, tmp_path, fmt):
     segmenter_checkpoint, _ = segmenter_checkpoint
     output = tmp_path / f"deeplab{SUFFIX[fmt]}"
-    args = [str(segmenter_checkpoint), "--format", fmt, "--dynamic-batch", "--dynamic-size", "--image-size", "40", "56"]
+    args = [str(segmenter_checkpoint), "--format", fmt, "--dynamic-batch", "--dynamic-size", "--image-size", "64", "80"]
     assert export_model.main([*args, "--output", str(output)]) == 0
     metadata = json.loads(sidecar_path(output).read_text())
     assert metadata["task"] == "segmentation"
