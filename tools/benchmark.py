@@ -8,6 +8,7 @@ Modes:
   inference  images/s of ours on the fast path (BN folded into the convs, ReLU and residual add fused
              into them, channels-last, inference_mode)
              and of torchvision's model as built (inference_mode); the relative output difference.
+             With --exported FILE also of that exported model (onnxruntime or the .pt2 program).
   train      images/s of one SGD step (forward, backward, update; train mode; synthetic targets), ours
              channels-last with --channels-last, torchvision's as built.
   data       images/s of one loader worker: decode + train transforms of the synthetic shapes set.
@@ -29,6 +30,7 @@ import statistics
 import sys
 import time
 import weakref
+from pathlib import Path
 
 import torch
 import torchvision
@@ -43,6 +45,7 @@ import detection
 import segmentation.models
 from backbones import create_model
 from backbones.data.files import write_json
+from backbones.export import load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.training.tools import PRECISIONS, autocast, reports_errors
 from benchmark_coco import eval_benchmark, eval_markdown  # tools/, beside this script
@@ -130,10 +133,15 @@ def inference_steps(kind, ours, theirs, batch, args) -> dict:
         return step
 
     compiled = " + torch.compile" if args.compile else ""
-    return {
+    steps = {
         "ours": (f"{FAST_PATH}{compiled}", step_of(fast, _channels_last(batch[0])), fast),
         "torchvision": ("as built, inference_mode", step_of(theirs, batch[0]), theirs),
     }
+    if args.exported:  # speed only: the exported file has its own weights (and takes images in [0, 1])
+        exported = load_exported(args.exported)
+        runtime = "onnxruntime CPU" if exported.metadata["format"] == "onnx" else "torch.export program"
+        steps["exported"] = (f"{Path(args.exported).name}, {runtime}", lambda: exported(batch[0]), exported)
+    return steps
 
 
 def _loss(kind, model, inputs, targets):
@@ -186,8 +194,9 @@ def time_interleaved(steps: dict, args) -> tuple[dict, object]:
         for _ in range(args.warmup):
             outputs[side] = step()
     seconds = {side: [] for side in steps}
+    sides = [side for side in SIDES if side in steps] + [side for side in steps if side not in SIDES]
     for repeat in range(args.repeats):
-        for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
             _sync(args.device)
             start = time.perf_counter()
             out = steps[side][1]()
@@ -319,7 +328,8 @@ def run_models(args, modes) -> tuple[list[dict], dict, dict]:
 def measure_memory(rows: list[dict], all_steps: dict, device: str, enabled: bool = True) -> str | None:
     """Adds `peak_memory_mb` to each row (one more step per row; None if not measured); returns what it is."""
     for row in rows:
-        row["peak_memory_mb"] = peak_memory_mb(all_steps[row["mode"]][row["side"]][1], device) if enabled else None
+        measurable = enabled and row["side"] in SIDES  # onnxruntime's memory is not torch's tensors
+        row["peak_memory_mb"] = peak_memory_mb(all_steps[row["mode"]][row["side"]][1], device) if measurable else None
     return MEMORY_METHODS[device] + MEMORY_NOTE if enabled else None
 
 
@@ -333,6 +343,8 @@ def ratios(rows: list[dict]) -> dict:
         if ours["peak_memory_mb"] is not None and theirs["peak_memory_mb"]:
             memory = ours["peak_memory_mb"] / theirs["peak_memory_mb"]
         result[mode] = {"throughput": ours["images_per_s"] / theirs["images_per_s"], "peak_memory": memory}
+        if (mode, "exported") in by_key:
+            result[mode]["exported_throughput"] = by_key[mode, "exported"]["images_per_s"] / theirs["images_per_s"]
     return result
 
 
@@ -350,6 +362,8 @@ def markdown(report: dict) -> str:
         for mode, ratio in report["ratios"].items():
             memory = "n/a" if ratio["peak_memory"] is None else f"{ratio['peak_memory']:.2f}x"
             lines.append(f"- {mode}, ours/torchvision: throughput {ratio['throughput']:.2f}x, peak memory {memory}")
+            if "exported_throughput" in ratio:
+                lines.append(f"- {mode}, exported/torchvision: throughput {ratio['exported_throughput']:.2f}x")
         if report.get("output_relative_difference") is not None:
             lines.append(f"- inference {report['output_compared']}, ours vs torchvision: relative difference "
                          f"{report['output_relative_difference']:.1e}")  # fmt: skip
@@ -382,6 +396,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", help=argparse.SUPPRESS)  # default: the shapes cache folder
     parser.add_argument("--eval-images", type=int, default=5000, help="eval mode: synthetic COCO images")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--exported", help="inference mode: also time this exported model (.onnx/.pt2 + its JSON)")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
@@ -393,6 +408,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; give a positive number")
     if args.model.startswith("deeplab") and "train" in modes and args.batch_size < 2:
         parser.error("--batch-size=1 cannot train DeepLab: BatchNorm after ASPP's image pooling needs 2 or more")
+    if args.exported and "inference" not in modes:
+        parser.error("--exported is timed in the inference mode; add it to --modes")
+    if args.exported and not Path(args.exported).is_file():
+        parser.error(f"--exported {args.exported!r} does not exist")
     if args.warmup < 0:
         parser.error(f"--warmup={args.warmup}; give 0 or more")
     args.mode_list = [m for m in MODES if m in modes]  # inference before train: the train steps change weights

@@ -33,6 +33,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from backbones.data.files import list_images, write_image, write_json
 from backbones.data.images import read_rgb_image
+from backbones.export import EXPORTED_SUFFIXES, load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.weights import load_task_checkpoint
@@ -40,6 +41,7 @@ from detection.evaluation import to_coco_results
 from detection.task import DetectionTask
 
 MASK_THRESHOLD = 0.5  # as COCOEvaluator's
+IOU_TYPES = {False: ("bbox",), True: ("bbox", "segm")}  # without, with masks
 
 
 @dataclass
@@ -55,13 +57,17 @@ class Detector:
 def load_model(
     checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False
 ) -> Detector:
-    """The detector of a `DetectionTask` checkpoint, on `device`, prepared for inference (fused unless `fuse=False`)."""
+    """The detector of a `DetectionTask` checkpoint, on `device`, prepared for inference (fused unless `fuse=False`),
+    or an exported one (`tools/export_model.py`: .pt2 or .onnx with its JSON beside it), run as exported on the CPU."""
+    if Path(checkpoint).suffix in EXPORTED_SUFFIXES:
+        model = load_exported(checkpoint)
+        return Detector(model, model.class_names, model.label_to_category_id, IOU_TYPES[model.has_masks])
     task = load_task_checkpoint(DetectionTask, checkpoint, map_location=device)
     model = prepare_for_inference(
         task.model.to(device), fuse=fuse, channels_last=fuse, compile_backbone=compile_backbone
     )
-    iou_types = ("bbox", "segm") if task.is_mask_model else ("bbox",)
-    return Detector(model, list(task.hparams.class_names or []), task.hparams.label_to_category_id, iou_types)
+    return Detector(model, list(task.hparams.class_names or []), task.hparams.label_to_category_id,
+                    IOU_TYPES[task.is_mask_model])
 
 
 def read_image(path: Path) -> Tensor:
@@ -138,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="infer_det", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", type=Path, help="a DetectionTask checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", type=Path, help="a DetectionTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)")
     add_inference_arguments(parser, default_output="predictions")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="drawn boxes only; the JSON keeps all")
     parser.add_argument("--annotations", help="a COCO JSON whose image ids the results should use")

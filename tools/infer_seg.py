@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from backbones.data.files import list_images, write_image
 from backbones.data.images import read_rgb_image
+from backbones.export import EXPORTED_SUFFIXES, load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.weights import load_task_checkpoint
@@ -50,7 +51,11 @@ def load_model(
     checkpoint: Path, device: torch.device, *, fuse: bool = True, compile_backbone: bool = False
 ) -> Segmenter:
     """The model of a `SegmentationTask` checkpoint (which normalizes its input itself), on `device`,
-    prepared for inference (fused unless `fuse=False`)."""
+    prepared for inference (fused unless `fuse=False`), or an exported one (`tools/export_model.py`: .pt2 or
+    .onnx with its JSON beside it), run as exported on the CPU."""
+    if Path(checkpoint).suffix in EXPORTED_SUFFIXES:
+        model = load_exported(checkpoint)
+        return Segmenter(model, model.class_names)
     task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device)  # downloads nothing
     prepare_for_inference(task.model, fuse=fuse, channels_last=fuse, compile_backbone=compile_backbone)
     names = task.hparams.class_names or [str(i) for i in range(task.hparams.num_classes)]
@@ -113,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="infer_seg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", type=Path, help="a SegmentationTask checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", type=Path, help="a SegmentationTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)")
     add_inference_arguments(parser, default_output="outputs/segmentation")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight in the overlay, 0..1")
     parser.add_argument("--size", type=int, default=None, help="run with the shorter side at this size")

@@ -92,3 +92,23 @@ def test_peak_tensor_memory_follows_new_storages(tool):
             (y + 1).sum()  # 4,000 bytes (+4 for the sum) at a time, freed each loop
     assert view.sum() == 20 and tracker.peak == 4000 + 4000 + 4
     assert tracker.current == 4000  # y is still alive
+
+
+def test_exported_model_is_timed_beside_ours(tool, tmp_path, capsys):
+    """`--exported FILE`: a third inference row (onnxruntime or the .pt2 program) and its ratio."""
+    from backbones import create_model
+    from backbones.export import NormalizedModel, write_exported
+
+    path = tmp_path / "r18.pt2"
+    module = NormalizedModel(create_model("resnet18", num_classes=1000).eval(), (0.5,) * 3, (0.25,) * 3)
+    write_exported(module, torch.rand(2, 3, 64, 64), path, metadata={"task": "classification"}, output_names=["logits"])
+    report = tool.main([
+        "--model", "resnet18", "--batch-size", "2", "--image-size", "64", "--warmup", "0", "--repeats", "1",
+        "--modes", "inference", "--no-memory", "--exported", str(path),
+    ])  # fmt: skip
+    rows = {r["side"]: r for r in report["results"]}
+    assert rows["exported"]["setup"] == "r18.pt2, torch.export program" and _positive(rows["exported"]["images_per_s"])
+    assert _positive(report["ratios"]["inference"]["exported_throughput"])
+    assert "exported/torchvision: throughput" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tool.main(["--model", "resnet18", "--modes", "train", "--exported", str(path)])
