@@ -37,7 +37,7 @@ from detection.task import DetectionTask
 from segmentation.data import CocoSegmentationDataModule, FolderSegmentationDataModule
 from segmentation.models import build_model as build_segmenter
 from segmentation.task import SegmentationTask
-from tests.tools.loader import load_tool
+from tests.tools.loader import load_tool, run_tool
 
 eval_det = load_tool("eval_det")
 export_backbone = load_tool("export_backbone")
@@ -540,9 +540,7 @@ def test_training_tool_refuses_a_checkpoint_of_another_task(shapes, checkpoints,
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(ROOT / "tools" / tool), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=ROOT, timeout=300)
+    return run_tool(tool.removesuffix(".py"), *args)
 
 
 def test_tools_exit_non_zero_in_a_shell(shapes, evil, tmp_path):
