@@ -14,7 +14,6 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2._utils import query_size
 
 __all__ = ["IGNORE_INDEX", "RandomScale", "train_transforms", "val_transforms"]
 
@@ -41,7 +40,7 @@ class RandomScale(v2.Transform):
         self.base_size = base_size
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = query_size(flat_inputs)
+        height, width = _image_size(flat_inputs)
         low, high = self.scale_range
         scale = low + (high - low) * float(torch.rand(()))
         if self.base_size is not None:
@@ -50,6 +49,14 @@ class RandomScale(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+
+
+def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    """(H, W) shared by the sample's images and masks (torchvision's public `get_size`)."""
+    sizes = {tuple(F.get_size(inpt)) for inpt in flat_inputs if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask))}
+    if len(sizes) != 1:
+        raise ValueError(f"a sample needs one image size for its image and mask; found {sorted(sizes) or 'none'}")
+    return sizes.pop()
 
 
 def _to_float_image() -> v2.ToDtype:

@@ -380,10 +380,10 @@ def test_infer_det_bad_checkpoints_exit_2(checkpoints, evil, shapes, tmp_path, c
         evil: f"refused to load '{evil}'",
         _truncated(checkpoints["detection"], tmp_path / "cut.ckpt"): "the file is truncated or corrupt",
         # another task's settings: the first one a detector does not take is named
-        checkpoints["segmentation"]: "as a DetectionTask checkpoint: TypeError: TrainingTask.__init__() got an "
-        "unexpected keyword argument 'backbone'",
-        checkpoints["classification"]: "as a DetectionTask checkpoint: TypeError: TrainingTask.__init__() got an "
-        "unexpected keyword argument 'zero_init_last'",
+        checkpoints["segmentation"]: "as a DetectionTask checkpoint: UnknownNameError: unknown detection model "
+        "'deeplabv3plus_r18'",
+        checkpoints["classification"]: "as a DetectionTask checkpoint: UnknownNameError: unknown detection model "
+        "'resnet18'",
         str(tmp_path / "nowhere.ckpt"): f"checkpoint '{tmp_path / 'nowhere.ckpt'}' does not exist",
     }
     for checkpoint, message in cases.items():
@@ -416,8 +416,8 @@ def test_infer_seg_bad_input_exits_2(checkpoints, evil, shapes, tmp_path, capsys
     cases = [
         ([evil, str(images)], f"refused to load '{evil}'"),
         ([_truncated(checkpoints["segmentation"], tmp_path / "cut.ckpt"), str(images)], "truncated or corrupt"),
-        ([checkpoints["detection"], str(images)], "as a SegmentationTask checkpoint: TypeError: TrainingTask.__init__() "
-         "got an unexpected keyword argument 'eval_backend'"),
+        ([checkpoints["detection"], str(images)], "as a SegmentationTask checkpoint: UnknownNameError: unknown "
+         "segmentation model 'faster_rcnn_r18_fpn'"),
         ([checkpoints["segmentation"], str(images), "--size", "0"], "--size=0; give a positive shorter side"),
     ]
     for args, message in cases:

@@ -97,8 +97,7 @@ def from_checkpoint(path: Path) -> Source:
     from backbones.classification import ClassificationTask
 
     task = load_task_checkpoint(ClassificationTask, path, map_location="cpu").eval()
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    mean, std = tuple(data.get("mean") or IMAGENET_MEAN), tuple(data.get("std") or IMAGENET_STD)
+    mean, std = tuple(task.hparams.mean), tuple(task.hparams.std)  # the task normalizes its [0, 1] input
     return Source("classification", hparams["model"], task.eval_model, int(hparams["num_classes"]), task.hparams.class_names, None, mean, std)
 
 

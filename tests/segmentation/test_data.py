@@ -200,6 +200,10 @@ def test_random_scale_resizes_image_and_mask_together():
     assert mask[:, :40].max() == 0 and mask[:, 40:80].min() == 1
     image, mask = RandomScale((1.0, 1.0), base_size=20)(*sample(10, 30))
     assert mask.shape == (20, 60)
+    image, _ = sample(10, 30)
+    _, other_mask = sample(12, 30)
+    with pytest.raises(ValueError, match=r"one image size .* found \[\(10, 30\), \(12, 30\)\]"):
+        RandomScale((1.0, 1.0))(image, other_mask)
 
 
 def test_val_transforms_keep_or_resize_whole_image():

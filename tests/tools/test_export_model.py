@@ -77,13 +77,12 @@ def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_ch
     ).hparams.class_names
     assert metadata["outputs"] == [{"name": "logits", "shape": ["N", len(metadata["categories"]), ], "dtype": "float32"}]
 
-    # what a user does next: load it and run images in [0, 1]; the task's network sees them normalized
+    # what a user does next: load it and run images in [0, 1], as the task takes them (it normalizes them itself)
     task = ClassificationTask.load_from_checkpoint(classifier_checkpoint, weights_only=True).eval()
     model = load_exported(output)
     images = torch.rand(3, 3, 40, 56)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        expected = task((images - mean) / std)
+        expected = task(images)
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -96,7 +95,7 @@ def test_segmenter_checkpoint_keeps_its_normalization_and_classes(segmenter_chec
     metadata = json.loads(sidecar_path(output).read_text())
     assert metadata["task"] == "segmentation"
     assert metadata["input"]["mean"] == pytest.approx([0.5, 0.4, 0.3])
-    assert metadata["categories"][0] == {"label": 0, "name": "background"} and len(metadata["categories"]) == 4
+    assert metadata["categories"][0] == {"label": 0, "name": "__background__"} and len(metadata["categories"]) == 4
     assert metadata["outputs"][0]["shape"] == ["N", 4, "H", "W"]
 
     task = SegmentationTask.load_from_checkpoint(segmenter_checkpoint, weights_only=True).eval()
