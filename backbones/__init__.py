@@ -18,13 +18,13 @@ _MACHINERY = {
 __getattr__, __dir__ = lazy_exports(__name__, _MACHINERY)
 
 __all__ = [
-    "ClassificationTask",
-    "ImageFolderDataModule",
-    "ShapesClassificationDataModule",
-    "FeatureInfo",
     "NORMS",
-    "ResNet",
     "WEIGHTS",
+    "ClassificationTask",
+    "FeatureInfo",
+    "ImageFolderDataModule",
+    "ResNet",
+    "ShapesClassificationDataModule",
     "WeightsError",
     "convert_sync_batchnorm",
     "create_backbone",

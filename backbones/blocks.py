@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 from timm.layers import DropPath, SEModule
+from torch import Tensor, nn
 
 from .layers import NormLayer, zero_init_
 

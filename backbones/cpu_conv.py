@@ -11,8 +11,9 @@ with the same parameters and state dict; only its forward differs:
 
 The oneDNN path runs for float32 CPU inputs when no gradient is needed, autocast is off and the
 model is not being traced by `torch.compile`; anywhere else (CUDA, half precision, autocast,
-training, tracing) the same result comes from `F.conv2d`, `add` and `relu`. The reordered weight is rebuilt when the weight changes
-(a new tensor, another device or dtype, or an in-place update), and is never saved.
+training, tracing) the same result comes from `F.conv2d`, `add` and `relu`. The reordered weight is
+rebuilt when the weight changes (a new tensor, another device or dtype, or an in-place update), and is
+never saved.
 
 Both ops are private to torch. Before the first use, `cpu_kernels_available` calls them once on a
 tiny input as we call them and compares with `F.conv2d`; if they are missing, take other arguments

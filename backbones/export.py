@@ -172,8 +172,12 @@ def write_exported(
         dynamic_axes=["batch"] * dynamic_batch + ["height", "width"] * dynamic_size,
     )  # fmt: skip
     metadata["outputs"] = [
-        {"name": name, "shape": _symbolic_shape(name, out, dynamic_batch), "dtype": str(out.dtype).removeprefix("torch.")}
-        for name, out in zip(output_names, outputs)
+        {
+            "name": name,
+            "shape": _symbolic_shape(name, out, dynamic_batch),
+            "dtype": str(out.dtype).removeprefix("torch."),
+        }
+        for name, out in zip(output_names, outputs, strict=True)
     ]
     _atomically(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
     return metadata
@@ -208,7 +212,8 @@ def _require_onnx(what: str) -> None:
             missing.append(package)
     if missing:
         raise ModuleNotFoundError(
-            f"to {what} install {', '.join(missing)}: pip install 'resbone[export]' (or pip install {' '.join(missing)})"
+            f"to {what} install {', '.join(missing)}: pip install 'resbone[export]'"
+            f" (or pip install {' '.join(missing)})"
         )
 
 
@@ -256,13 +261,13 @@ class ExportedModel:
 
     def _run_onnx(self, images: Tensor) -> dict[str, Tensor]:
         outputs = self._session.run(self.output_names, {INPUT_NAME: images.detach().cpu().float().numpy()})
-        return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outputs)}
+        return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outputs, strict=True)}
 
     def _run_program(self, images: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
             outputs = self._program(images.detach().cpu().float())
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def __call__(self, images: Tensor | Sequence[Tensor]) -> Any:
         if self.task == "detection":
@@ -278,7 +283,9 @@ class ExportedModel:
         count = int(outputs["num_detections"][0])
         result = {name: outputs[name][0, :count] for name in ("boxes", "labels", "scores")}
         if "masks" in outputs:
-            result["masks"] = paste_masks_in_image(outputs["masks"][0, :count], result["boxes"], tuple(image.shape[-2:]))
+            result["masks"] = paste_masks_in_image(
+                outputs["masks"][0, :count], result["boxes"], tuple(image.shape[-2:])
+            )
         return result
 
 
@@ -299,9 +306,13 @@ def load_exported(path: str | os.PathLike) -> ExportedModel:
         metadata = json.loads(meta_path.read_text())
         task, outputs = metadata["task"], metadata["outputs"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{str(meta_path)!r} is not an export's metadata JSON ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"{str(meta_path)!r} is not an export's metadata JSON ({type(error).__name__}: {error})"
+        ) from error
     if task not in TASKS or metadata.get("format") != fmt or not outputs:
-        raise ValueError(f"{str(meta_path)!r}: task={task!r}, format={metadata.get('format')!r} do not describe {path.name}")
+        raise ValueError(
+            f"{str(meta_path)!r}: task={task!r}, format={metadata.get('format')!r} do not describe {path.name}"
+        )
     return ExportedModel(path, metadata)
 
 
@@ -315,7 +326,9 @@ def check_images(sizes: Sequence[tuple[int, int]], *, seed: int = 0) -> list[Ten
     return images
 
 
-def check_export(reference: Callable, exported: Callable, images: Sequence[Tensor], *, task: str, batch: bool = False) -> None:
+def check_export(
+    reference: Callable, exported: Callable, images: Sequence[Tensor], *, task: str, batch: bool = False
+) -> None:
     """Runs both models on each image (or, with `batch`, also on all images of one size as a batch) and compares.
 
     Classification and segmentation: logits within `LOGITS_RTOL` of the largest reference logit.
@@ -355,7 +368,9 @@ def _logits(output: Any) -> Tensor:
 
 def _compare_logits(expected: Tensor, actual: Tensor, where: str) -> None:
     if expected.shape != actual.shape:
-        raise ExportMismatch(f"{where}: logits of shape {tuple(actual.shape)}, the eager model's {tuple(expected.shape)}")
+        raise ExportMismatch(
+            f"{where}: logits of shape {tuple(actual.shape)}, the eager model's {tuple(expected.shape)}"
+        )
     difference = (expected - actual).abs().max().item()
     scale = expected.abs().max().item()
     if difference > LOGITS_RTOL * max(scale, 1e-12):
@@ -371,7 +386,9 @@ def _compare_detections(expected: dict[str, Tensor], actual: dict[str, Tensor], 
     if n == 0:
         return
     if not torch.equal(expected["labels"].long(), actual["labels"].long()):
-        raise ExportMismatch(f"{where}: labels {actual['labels'].tolist()}, the eager model's {expected['labels'].tolist()}")
+        raise ExportMismatch(
+            f"{where}: labels {actual['labels'].tolist()}, the eager model's {expected['labels'].tolist()}"
+        )
     box_difference = (expected["boxes"] - actual["boxes"]).abs().max().item()
     scale = max(expected["boxes"].abs().max().item(), 1.0)
     if box_difference > BOX_RTOL * scale:
@@ -387,4 +404,6 @@ def _compare_detections(expected: dict[str, Tensor], actual: dict[str, Tensor], 
         iou = torch.where(union > 0, (a & b).sum(1) / union.clamp(min=1), torch.ones_like(union, dtype=torch.float))
         worst = iou.min().item()
         if worst < MASK_MIN_IOU:
-            raise ExportMismatch(f"{where}: mask IoU {worst:.4f} for detection {int(iou.argmin())}, under {MASK_MIN_IOU}")
+            raise ExportMismatch(
+                f"{where}: mask IoU {worst:.4f} for detection {int(iou.argmin())}, under {MASK_MIN_IOU}"
+            )

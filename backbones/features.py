@@ -8,7 +8,7 @@ from torch import nn
 
 from .layers import keep_frozen_norms_in_eval
 
-__all__ = ["Backbone", "FeatureInfo", "feature_name", "feature_stride", "output_shape", "OUTPUT_STRIDES"]
+__all__ = ["OUTPUT_STRIDES", "Backbone", "FeatureInfo", "feature_name", "feature_stride", "output_shape"]
 
 OUTPUT_STRIDES = (8, 16, 32)
 
@@ -59,8 +59,10 @@ def feature_name(index: int) -> str:
 
 def check_out_indices(out_indices: tuple[int, ...], num_outputs: int = 5) -> tuple[int, ...]:
     out_indices = tuple(out_indices)
-    if not out_indices or any(not 0 <= i < num_outputs for i in out_indices) or sorted(set(out_indices)) != list(
-        out_indices
+    if (
+        not out_indices
+        or any(not 0 <= i < num_outputs for i in out_indices)
+        or sorted(set(out_indices)) != list(out_indices)
     ):
         raise ValueError(
             f"out_indices={out_indices}; choose increasing indices in 0..{num_outputs - 1} "

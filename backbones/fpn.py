@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import pairwise
 
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
@@ -55,7 +56,7 @@ class FPN(Backbone):
             raise ValueError(f"in_features {unknown} are not outputs of the backbone; it has {list(shapes)}")
         inputs = [shapes[name] for name in in_features]
         strides = [info.stride for info in inputs]
-        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+        if any(b != 2 * a for a, b in pairwise(strides)):
             raise ValueError(f"FPN needs features whose strides double level by level; got {strides}")
         self.in_features = in_features
         extra, num_extra = None, 0
@@ -78,7 +79,7 @@ class FPN(Backbone):
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         features = self.body(x)
         pyramid = self.fpn(OrderedDict((name, features[name]) for name in self.in_features))
-        return OrderedDict((info.name, level) for info, level in zip(self.feature_info, pyramid.values()))
+        return OrderedDict((info.name, level) for info, level in zip(self.feature_info, pyramid.values(), strict=True))
 
 
 def _level(stride: int) -> int:

@@ -27,11 +27,11 @@ import logging
 from itertools import pairwise
 
 import torch
+from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.segmentation.deeplabv3 import ASPPPooling
-from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 from torchvision.ops import FrozenBatchNorm2d
 
 from .blocks import BasicBlock, Bottleneck, PreActBottleneck
@@ -303,7 +303,8 @@ def prepare_for_inference(
     """The inference set-up of the tools: eval mode, then optionally folding, channels-last and compiling.
 
     Unlike `fuse_for_inference`, this puts the model in eval mode first, so every batch norm with
-    running statistics is folded; `fuse` folds them and fuses the activations, as `fuse_for_inference`. `compile_backbone` wraps `model.backbone` (the body and FPN of a
+    running statistics is folded; `fuse` folds them and fuses the activations, as
+    `fuse_for_inference`. `compile_backbone` wraps `model.backbone` (the body and FPN of a
     detector, the body of a DeepLab model) in `torch.compile`; the heads' data-dependent control flow
     stays eager.
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from timm.layers import BatchNormAct2d, GroupNormAct, freeze_batch_norm_2d
@@ -12,7 +11,7 @@ from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-__all__ = ["NORMS", "NormLayer", "get_norm_layer", "freeze_module", "FrozenBatchNorm2d", "replace_batch_norms"]
+__all__ = ["NORMS", "FrozenBatchNorm2d", "NormLayer", "freeze_module", "get_norm_layer", "replace_batch_norms"]
 
 NormLayer = Callable[[int], nn.Module]
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
@@ -137,4 +136,3 @@ def zero_init_(norm: nn.Module) -> None:
     if isinstance(weight, torch.Tensor):
         with torch.no_grad():
             weight.zero_()
-

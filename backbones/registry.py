@@ -13,8 +13,16 @@ from importlib.metadata import entry_points
 from torch import nn
 
 __all__ = [
-    "register_backbone", "list_backbones", "create_backbone", "create_model", "backbone_options", "check_options",
-    "check_name", "closest_names", "UnknownNameError", "ENTRY_POINT_GROUP",
+    "ENTRY_POINT_GROUP",
+    "UnknownNameError",
+    "backbone_options",
+    "check_name",
+    "check_options",
+    "closest_names",
+    "create_backbone",
+    "create_model",
+    "list_backbones",
+    "register_backbone",
 ]  # fmt: skip
 
 ENTRY_POINT_GROUP = "resbone.backbones"

@@ -6,8 +6,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
 from timm.layers import AvgPool2dSame
+from torch import Tensor, nn
 
 from .blocks import BasicBlock, Bottleneck, PreActBottleneck
 from .features import Backbone, FeatureInfo, check_out_indices, check_output_stride, feature_name, feature_stride

@@ -60,7 +60,7 @@ class TimmBackbone(Backbone):
         )  # fmt: skip
         self.feature_info = [
             FeatureInfo(feature_name(i), channels, feature_stride(i, output_stride))
-            for i, channels in zip(out_indices, self.model.feature_info.channels())
+            for i, channels in zip(out_indices, self.model.feature_info.channels(), strict=True)
         ]
         if norm != "bn" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             warnings.warn(f"timm model {model_name!r} has no batch norm: norm={norm!r} changes nothing", stacklevel=3)
@@ -85,7 +85,7 @@ class TimmBackbone(Backbone):
         return converted
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        return OrderedDict((info.name, f) for info, f in zip(self.feature_info, self.model(x)))
+        return OrderedDict((info.name, f) for info, f in zip(self.feature_info, self.model(x), strict=True))
 
 
 def check_timm_name(model_name: str) -> None:

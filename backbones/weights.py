@@ -203,9 +203,7 @@ def _align_prefix(state_dict: dict[str, Tensor], model_keys: list[str]) -> dict[
         if hits:
             ckpt_prefix = min(hits, key=len)[: -len(suffix)]
             model_prefix = anchor[: -len(suffix)]
-            return {
-                model_prefix + k[len(ckpt_prefix) :]: v for k, v in state_dict.items() if k.startswith(ckpt_prefix)
-            }
+            return {model_prefix + k[len(ckpt_prefix) :]: v for k, v in state_dict.items() if k.startswith(ckpt_prefix)}
     return state_dict
 
 
@@ -235,7 +233,9 @@ def load_state_dict(
     def is_head(key: str) -> bool:
         return key.startswith(head_prefixes) if head_prefixes and fresh_heads else False
 
-    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if k in own and v.shape != own[k].shape
+    ]
     missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in own and not k.endswith("num_batches_tracked")]
     head_issues = [m[0] for m in mismatched if is_head(m[0])] + [k for k in missing if is_head(k)]

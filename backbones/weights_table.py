@@ -63,10 +63,12 @@ WEIGHTS: dict[str, WeightsSpec] = {
     "resnet50c.gluon_in1k": WeightsSpec(_GLUON + "gluon_resnet50_v1c-48092f55.pth", "GluonCV via timm"),
     "resnet101c.gluon_in1k": WeightsSpec(_GLUON + "gluon_resnet101_v1c-1f26822a.pth", "GluonCV via timm"),
     "resnet50d.ra2_in1k": WeightsSpec(_TIMM_OLD + "v0.1-weights/resnet50d_ra2-464e36ba.pth", "timm RA2"),
-    "resnet101d.ra2_in1k": WeightsSpec(_TIMM_OLD + "v0.1-weights/resnet101d_ra2-2803ffab.pth", "timm RA2", None, 1000,
-                                       IMAGENET_MEAN, IMAGENET_STD, 256),
-    "resnet152d.ra2_in1k": WeightsSpec(_TIMM_OLD + "v0.1-weights/resnet152d_ra2-5cac0439.pth", "timm RA2", None, 1000,
-                                       IMAGENET_MEAN, IMAGENET_STD, 256),
+    "resnet101d.ra2_in1k": WeightsSpec(
+        _TIMM_OLD + "v0.1-weights/resnet101d_ra2-2803ffab.pth", "timm RA2", None, 1000, IMAGENET_MEAN, IMAGENET_STD, 256
+    ),
+    "resnet152d.ra2_in1k": WeightsSpec(
+        _TIMM_OLD + "v0.1-weights/resnet152d_ra2-5cac0439.pth", "timm RA2", None, 1000, IMAGENET_MEAN, IMAGENET_STD, 256
+    ),
     "seresnet50.a1_in1k": WeightsSpec(_TIMM + "v0.1-rsb-weights/seresnet50_a1_0-ffa00869.pth", "timm RSB A1"),
     "seresnext50_32x4d.racm_in1k": WeightsSpec(
         _TIMM_OLD + "v0.1-weights/seresnext50_32x4d_racm-a304a460.pth", "timm RA + CutMix"

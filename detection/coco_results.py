@@ -63,7 +63,7 @@ def to_coco_results(
         raise ValueError(f"{len(predictions)} predictions for {len(image_ids)} image ids; pass one id per image")
     with_masks = "segm" in check_iou_types(iou_types)
     results = []
-    for prediction, image_id in zip(predictions, image_ids):
+    for prediction, image_id in zip(predictions, image_ids, strict=True):
         results += _image_results(prediction, image_id, label_to_category_id, with_masks, mask_threshold)
     return results
 
@@ -74,7 +74,9 @@ def _image_results(prediction, image_id, label_to_category_id, with_masks, mask_
     category_ids = [_category_id(label, label_to_category_id) for label in _to_numpy(prediction["labels"]).tolist()]
     results = [
         {"image_id": int(image_id), "category_id": category_id, "bbox": box, "score": score}
-        for category_id, box, score in zip(category_ids, boxes.tolist(), _to_numpy(prediction["scores"]).tolist())
+        for category_id, box, score in zip(
+            category_ids, boxes.tolist(), _to_numpy(prediction["scores"]).tolist(), strict=True
+        )
     ]
     if with_masks:
         if "masks" not in prediction:
@@ -82,7 +84,7 @@ def _image_results(prediction, image_id, label_to_category_id, with_masks, mask_
         rles = encode_masks(binarize_masks(prediction["masks"], mask_threshold))
         if len(rles) != len(results):
             raise ValueError(f"image {image_id}: {len(rles)} masks for {len(results)} boxes")
-        for result, rle in zip(results, rles):
+        for result, rle in zip(results, rles, strict=True):
             result["segmentation"] = rle
     return results
 

@@ -7,10 +7,11 @@ The annotation reader, the dataset and the collate function they use are in ``de
 from __future__ import annotations
 
 from pathlib import Path
+
 from backbones.data.images import ImageFileError, read_rgb_image
+from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 from backbones.training.datamodule import BACKGROUND, TaskDataModule
 from backbones.training.samplers import GroupedBatchSampler
-from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
 from detection.coco import (
     MAX_NAMES_IN_ERROR,
     REQUIRED_KEYS,
@@ -119,9 +120,9 @@ class CocoDetectionDataModule(TaskDataModule):
 
     def prepare_data(self) -> None:
         """Builds each annotation file's store (`backbones.data.coco`) once; Lightning runs this once per node."""
-        for _, annotations in self.split_paths.values():
-            if annotations is not None:
-                load_coco_annotations(annotations)
+        for _, annotation_file in self.split_paths.values():
+            if annotation_file is not None:
+                load_coco_annotations(annotation_file)
 
     def _categories(self) -> list[dict]:
         if self._category_list is None:
@@ -139,10 +140,7 @@ class CocoDetectionDataModule(TaskDataModule):
             raise ValueError(
                 f"{split}_images={images!r}, {split}_annotations={annotations!r}; both are needed for the {split} split"
             )
-        if split == "train":
-            transforms = train_transforms(self.train_sizes, self.max_size)
-        else:
-            transforms = val_transforms()
+        transforms = train_transforms(self.train_sizes, self.max_size) if split == "train" else val_transforms()
         dataset = CocoDetection(images, annotations, transforms=transforms, with_masks=self.with_masks)
         if dataset.label_to_category_id != self.label_to_category_id:
             raise AnnotationFileError(

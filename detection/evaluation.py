@@ -152,7 +152,7 @@ def evaluate_results(
         categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
         return {f"{iou_type}_{name}": 0.0 for name in STAT_NAMES}, dict.fromkeys(_category_names(categories), 0.0)
     coco_eval, summary = _run_cocoeval(coco_gt, results, iou_type, backend, image_ids)
-    stats = {f"{iou_type}_{name}": _nan_if_missing(s) for name, s in zip(STAT_NAMES, coco_eval.stats[:12])}
+    stats = {f"{iou_type}_{name}": _nan_if_missing(s) for name, s in zip(STAT_NAMES, coco_eval.stats[:12], strict=True)}
     per_category = _per_category_ap(coco_eval, coco_gt)
     if verbose:
         table = format_per_category_table(per_category, iou_type)
@@ -207,7 +207,7 @@ def _per_category_ap(coco_eval: Any, coco_gt: Any) -> dict[str, float]:
 def _category_names(categories: list[dict]) -> list[str]:
     """Category names, with the id appended where two categories share a name."""
     names = [c.get("name", str(c["id"])) for c in categories]
-    return [f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)]
+    return [f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories, strict=True)]
 
 
 def format_per_category_table(per_category: Mapping[str, float], iou_type: str) -> str:
@@ -295,7 +295,7 @@ class COCOEvaluator:
         image_ids = [_image_id(item) for item in image_ids]
         if len(predictions) != len(image_ids):
             raise ValueError(f"{len(predictions)} predictions for {len(image_ids)} image ids; pass one per image")
-        for prediction, image_id in zip(predictions, image_ids):
+        for prediction, image_id in zip(predictions, image_ids, strict=True):
             if image_id not in self._results_by_image:
                 self._results_by_image[image_id] = self._convert(prediction, image_id)
 
@@ -304,12 +304,16 @@ class COCOEvaluator:
         if image is None:
             raise ValueError(f"image_id {image_id} is not an image of the annotations")
         masks = prediction.get("masks")
-        if "segm" in self.iou_types and masks is not None and masks.shape[0]:
-            if tuple(masks.shape[-2:]) != (image["height"], image["width"]):
-                raise ValueError(
-                    f"image {image_id}: masks are {tuple(masks.shape[-2:])}, the image is "
-                    f"{(image['height'], image['width'])} (H, W); paste masks at the original image size"
-                )
+        if (
+            "segm" in self.iou_types
+            and masks is not None
+            and masks.shape[0]
+            and tuple(masks.shape[-2:]) != (image["height"], image["width"])
+        ):
+            raise ValueError(
+                f"image {image_id}: masks are {tuple(masks.shape[-2:])}, the image is "
+                f"{(image['height'], image['width'])} (H, W); paste masks at the original image size"
+            )
         results = to_coco_results(
             [prediction], [image_id], self.label_to_category_id, self.iou_types, mask_threshold=self.mask_threshold
         )

@@ -91,7 +91,8 @@ class ExportableRCNN(nn.Module):
     Input: images (N, 3, H, W), float in [0, 1], the same size each (the model normalizes and resizes).
     Outputs (`OUTPUT_NAMES`): boxes (N, K, 4) float (x1, y1, x2, y2) in input pixels, scores (N, K),
     labels (N, K) int64, num_detections (N,) int64, and for Mask R-CNN masks (N, K, 1, 28, 28)
-    probabilities in each box (torchvision's `paste_masks_in_image` puts them in the image). Rows past `num_detections` are zero.
+    probabilities in each box (torchvision's `paste_masks_in_image` puts them in the image). Rows past
+    `num_detections` are zero.
 
     Example:
         >>> wrapper = ExportableRCNN(build_model("mask_rcnn_r18_fpn", num_classes=4).eval())
@@ -135,7 +136,12 @@ class ExportableRCNN(nn.Module):
         class_logits, box_regression = heads.box_predictor(box_features)
         boxes, scores, labels, counts = self._detections(class_logits, box_regression, proposals, image_sizes)
         ratio = torch.tensor([width / resized[1], height / resized[0]] * 2, device=images.device)
-        outputs = [torch.stack([b * ratio.to(b.dtype) for b in boxes]), torch.stack(scores), torch.stack(labels), counts]
+        outputs = [
+            torch.stack([b * ratio.to(b.dtype) for b in boxes]),
+            torch.stack(scores),
+            torch.stack(labels),
+            counts,
+        ]
         if self.has_masks:  # (K, 1, 28, 28) per image, from the boxes in resized pixels as torchvision
             mask_features = heads.mask_head(roi_align_levels(heads.mask_roi_pool, features, boxes))
             masks = torch.stack(maskrcnn_inference(heads.mask_predictor(mask_features), labels))
@@ -145,13 +151,18 @@ class ExportableRCNN(nn.Module):
 
     def _resize(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
-        scale = torch.sym_min(self.min_size / torch.sym_min(height, width), self.max_size / torch.sym_max(height, width))
+        scale = torch.sym_min(
+            self.min_size / torch.sym_min(height, width), self.max_size / torch.sym_max(height, width)
+        )
         return F.interpolate(x, scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False)
 
     def _pad(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         stride = self.size_divisible
-        return F.pad(x, (0, (width + stride - 1) // stride * stride - width, 0, (height + stride - 1) // stride * stride - height))
+        return F.pad(
+            x,
+            (0, (width + stride - 1) // stride * stride - width, 0, (height + stride - 1) // stride * stride - height),
+        )
 
     def _proposals(self, x: Tensor, features: dict[str, Tensor], image_sizes: list) -> list[Tensor]:
         rpn = self.model.rpn
@@ -163,7 +174,7 @@ class ExportableRCNN(nn.Module):
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(x.shape[0], -1, 4)
         objectness = objectness.reshape(x.shape[0], -1)
         result = []
-        for boxes, scores, image_size in zip(proposals, objectness, image_sizes):
+        for boxes, scores, image_size in zip(proposals, objectness, image_sizes, strict=True):
             result.append(self._filter_proposals(boxes, scores, image_size, anchors_per_level))
         return result
 
@@ -178,7 +189,9 @@ class ExportableRCNN(nn.Module):
         rpn = self.model.rpn
         k = rpn.pre_nms_top_n()
         top_boxes, top_logits, top_levels = [], [], []
-        for level, (level_boxes, level_logits) in enumerate(zip(boxes.split(anchors_per_level), logits.split(anchors_per_level))):
+        for level, (level_boxes, level_logits) in enumerate(
+            zip(boxes.split(anchors_per_level), logits.split(anchors_per_level), strict=True)
+        ):
             level_logits = torch.cat([level_logits, level_logits.new_full((k,), float("-inf"))])
             level_boxes = torch.cat([level_boxes, level_boxes.new_zeros((k, 4))])
             index = level_logits.topk(k).indices
@@ -204,7 +217,9 @@ class ExportableRCNN(nn.Module):
         pred_scores = F.softmax(class_logits, -1)
         per_image = [p.shape[0] for p in proposals]
         all_boxes, all_scores, all_labels, counts = [], [], [], []
-        for boxes, scores, image_size in zip(pred_boxes.split(per_image), pred_scores.split(per_image), image_sizes):
+        for boxes, scores, image_size in zip(
+            pred_boxes.split(per_image), pred_scores.split(per_image), image_sizes, strict=True
+        ):
             boxes = box_ops.clip_boxes_to_image(boxes, image_size)
             labels = torch.arange(num_classes, device=boxes.device).view(1, -1).expand_as(scores)
             boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
@@ -230,7 +245,7 @@ def roi_align_levels(pooler: MultiScaleRoIAlign, features: dict[str, Tensor], bo
         return roi_align(levels[0], rois, pooler.output_size, pooler.scales[0], pooler.sampling_ratio)
     level_of_roi = pooler.map_levels(boxes)
     result = rois.new_zeros((rois.shape[0], levels[0].shape[1], *pooler.output_size))
-    for level, (feature, scale) in enumerate(zip(levels, pooler.scales)):
+    for level, (feature, scale) in enumerate(zip(levels, pooler.scales, strict=True)):
         index = torch.where(level_of_roi == level)[0]
         pooled = roi_align(feature, rois[index], pooler.output_size, scale, pooler.sampling_ratio)
         result = result.index_put((index,), pooled.to(result.dtype))

@@ -31,7 +31,7 @@ from backbones.registry import backbone_options, check_name, check_options
 
 from .weights_table import DETECTION_WEIGHTS
 
-__all__ = ["build_model", "check_build_args", "PRESETS", "ARCHITECTURES", "NECKS", "HEADS", "TORCHVISION_OPTIONS"]
+__all__ = ["ARCHITECTURES", "HEADS", "NECKS", "PRESETS", "TORCHVISION_OPTIONS", "build_model", "check_build_args"]
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn")
 NECKS = ("fpn", "dc5")
@@ -59,7 +59,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 NECK_DEFAULTS: dict[str, dict[str, int]] = {
     "fpn": {},
     "dc5": dict(
-        rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,
+        rpn_pre_nms_top_n_train=12000,
+        rpn_post_nms_top_n_train=2000,
+        rpn_pre_nms_top_n_test=6000,
         rpn_post_nms_top_n_test=1000,
     ),
 }
@@ -122,8 +124,15 @@ def _choice(value: str, allowed: Sequence[str], what: str) -> str:
 
 
 def _neck(
-    neck: str, backbone: str, *, backbone_weights: str | None, norm: str, frozen_stages: int, fpn_norm: str | None,
-    fpn_channels: int, backbone_kwargs: dict,
+    neck: str,
+    backbone: str,
+    *,
+    backbone_weights: str | None,
+    norm: str,
+    frozen_stages: int,
+    fpn_norm: str | None,
+    fpn_channels: int,
+    backbone_kwargs: dict,
 ) -> tuple[nn.Module, list[str]]:
     """The backbone with its neck, and the feature names the RoI heads pool from."""
     if neck == "fpn":
@@ -136,8 +145,13 @@ def _neck(
         if not backbone.startswith("timm/"):  # timm models keep their own dilation pattern
             backbone_kwargs = {"dilate_first_block": True, **backbone_kwargs}  # detectron2 dilates all of res5
         module = create_backbone(
-            backbone, weights=backbone_weights, out_indices=(4,), output_stride=16, norm=norm,
-            frozen_stages=frozen_stages, **backbone_kwargs,
+            backbone,
+            weights=backbone_weights,
+            out_indices=(4,),
+            output_stride=16,
+            norm=norm,
+            frozen_stages=frozen_stages,
+            **backbone_kwargs,
         )
         roi_features = [module.feature_info[-1].name]
     module.out_channels = module.feature_info[-1].channels  # torchvision's heads read this attribute
@@ -222,8 +236,13 @@ def build_model(
         if weights is not None:  # the whole-detector weights fill the backbone a moment later
             warnings.filterwarnings("ignore", message=".*freeze randomly initialised weights.*")
         body, roi_features = _neck(
-            neck_name, settings["backbone"], backbone_weights=backbone_weights, norm=norm,
-            frozen_stages=frozen_stages, fpn_norm=fpn_norm, fpn_channels=fpn_channels,
+            neck_name,
+            settings["backbone"],
+            backbone_weights=backbone_weights,
+            norm=norm,
+            frozen_stages=frozen_stages,
+            fpn_norm=fpn_norm,
+            fpn_channels=fpn_channels,
             backbone_kwargs=backbone_kwargs or {},
         )
     num_levels = len(body.feature_info)

@@ -189,7 +189,7 @@ class DetectionTask(TrainingTask):
     def predict_step(self, batch: tuple[list, list], batch_idx: int) -> list[dict]:
         images, targets = batch
         predictions = self.model(images)
-        for prediction, target in zip(predictions, targets):
+        for prediction, target in zip(predictions, targets, strict=True):
             prediction["image_id"] = int(target["image_id"])
         return predictions
 

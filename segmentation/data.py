@@ -6,25 +6,25 @@ re-exported here).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch.utils.data import Dataset
 
 from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
-
 from backbones.training.datamodule import BACKGROUND, TaskDataModule
 
 from .datasets import (
     IGNORE_INDEX,
-    AnnotationFileError,
     IMAGE_EXTENSIONS,
     VOC_CATEGORY_IDS,
+    AnnotationFileError,
     CocoSegmentation,
     FolderSegmentation,
     LabelFileError,
-    check_category_ids,
     category_class_names,
+    check_category_ids,
     collate,
     load_coco_annotations,
     read_label_mask,

@@ -9,9 +9,9 @@ The Lightning data modules that serve them are in ``segmentation.data``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from backbones.data.coco import AnnotationFileError, CocoAnnotations, check_images_exist, load_coco_annotations
+from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from backbones.data.images import ImageFileError, read_rgb_image
 
 from .transforms import IGNORE_INDEX
@@ -34,8 +34,8 @@ __all__ = [
     "CocoSegmentation",
     "FolderSegmentation",
     "LabelFileError",
-    "check_category_ids",
     "category_class_names",
+    "check_category_ids",
     "collate",
     "load_coco_annotations",
     "read_label_mask",

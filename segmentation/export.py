@@ -23,7 +23,8 @@ def exportable_segmenter(model: nn.Module, mean: Sequence[float], std: Sequence[
     """`model` (a `DeepLabV3`/`DeepLabV3Plus`) as images in [0, 1] -> logits (N, num_classes, H, W).
 
     Example:
-        >>> module = exportable_segmenter(build_model("deeplabv3plus_r18", num_classes=4).eval(), IMAGENET_MEAN, IMAGENET_STD)
+        >>> model = build_model("deeplabv3plus_r18", num_classes=4).eval()
+        >>> module = exportable_segmenter(model, IMAGENET_MEAN, IMAGENET_STD)
         >>> module(torch.rand(2, 3, 65, 97)).shape
         torch.Size([2, 4, 65, 97])
     """
@@ -31,7 +32,12 @@ def exportable_segmenter(model: nn.Module, mean: Sequence[float], std: Sequence[
 
 
 def segmentation_metadata(
-    *, architecture: str, num_classes: int, class_names: Sequence[str] | None, mean: Sequence[float], std: Sequence[float]
+    *,
+    architecture: str,
+    num_classes: int,
+    class_names: Sequence[str] | None,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> dict[str, Any]:
     """What a runtime needs beside the model: the normalization applied inside, the classes, the output."""
     metadata = base_metadata(

@@ -78,7 +78,7 @@ def make_aspp(
     rates = tuple(atrous_rates)
     aspp = ASPP(in_channels, rates, out_channels)
     if separable:
-        for branch, rate in zip(aspp.convs[1:-1], rates):  # branch = (conv, bn, relu)
+        for branch, rate in zip(aspp.convs[1:-1], rates, strict=True):  # branch = (conv, bn, relu)
             branch[0] = SeparableConv2d(in_channels, out_channels, dilation=rate)
     return aspp
 

@@ -23,8 +23,8 @@ from torch.nn import functional as F
 from backbones import create_backbone, load_weights
 from backbones.registry import backbone_options, check_name, check_options
 
-from .weights_table import SEGMENTATION_WEIGHTS
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
+from .weights_table import SEGMENTATION_WEIGHTS
 
 __all__ = [
     "ARCHITECTURES", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model", "check_build_args",
@@ -192,7 +192,9 @@ def build_model(
         )  # fmt: skip
         model = DeepLabV3Plus(body, head, aux_classifier, in_feature=deep.name)
     else:
-        head = DeepLabV3Head(deep.channels, num_classes, atrous_rates=rates, channels=aspp_channels, separable=separable)
+        head = DeepLabV3Head(
+            deep.channels, num_classes, atrous_rates=rates, channels=aspp_channels, separable=separable
+        )
         model = DeepLabV3(body, head, aux_classifier, in_feature=deep.name)
     if weights is not None:
         load_segmentation_weights(model, weights, fresh_heads=fresh_heads)

@@ -15,8 +15,8 @@ from backbones.training import TrainingTask, check_finite_losses
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
 from .models import build_model, check_build_args
-from .weights_table import SEGMENTATION_WEIGHTS
 from .transforms import IGNORE_INDEX
+from .weights_table import SEGMENTATION_WEIGHTS
 
 
 class SegmentationTask(TrainingTask):

@@ -17,11 +17,15 @@ _TV = "https://download.pytorch.org/models/"
 
 SEGMENTATION_WEIGHTS: dict[str, WeightsSpec] = {
     "deeplabv3_r50.tv_coco_voc": WeightsSpec(
-        _TV + "deeplabv3_resnet50_coco-cd0a2569.pth", "torchvision COCO_WITH_VOC_LABELS_V1, mIoU 66.4", num_classes=21,
+        _TV + "deeplabv3_resnet50_coco-cd0a2569.pth",
+        "torchvision COCO_WITH_VOC_LABELS_V1, mIoU 66.4",
+        num_classes=21,
         category_ids=VOC_CATEGORY_IDS,
     ),
     "deeplabv3_r101.tv_coco_voc": WeightsSpec(
-        _TV + "deeplabv3_resnet101_coco-586e9e4e.pth", "torchvision COCO_WITH_VOC_LABELS_V1, mIoU 67.4", num_classes=21,
+        _TV + "deeplabv3_resnet101_coco-586e9e4e.pth",
+        "torchvision COCO_WITH_VOC_LABELS_V1, mIoU 67.4",
+        num_classes=21,
         category_ids=VOC_CATEGORY_IDS,
     ),
 }

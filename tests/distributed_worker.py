@@ -51,7 +51,9 @@ def classification(data: Path):
         train_dir=str(data / "cls" / "train"), val_dir=str(data / "cls" / "val7"), batch_size=2, val_batch_size=1,
         num_workers=0, crop_size=32, resize_size=32,
     )  # fmt: skip
-    task = ClassificationTask(model="resnet18", lr=0.01, model_options={"norm": "gn"})  # BN stats of 3 steps: huge logits
+    task = ClassificationTask(
+        model="resnet18", lr=0.01, model_options={"norm": "gn"}
+    )  # BN stats of 3 steps: huge logits
     return ClassificationTask, task, datamodule
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from backbones import WeightsError
 from backbones.classification import ClassificationTask
 from backbones.data.shapes import generate_shapes
-from detection.models import HEAD_PREFIXES as DETECTION_HEADS
 from backbones.training.samplers import GroupedBatchSampler, SampleKey, SeededSamples, training_state
+from detection.models import HEAD_PREFIXES as DETECTION_HEADS
 from detection.task import DetectionTask
 from segmentation.models import HEAD_PREFIXES as SEGMENTATION_HEADS
 from segmentation.task import SegmentationTask
@@ -382,5 +383,6 @@ def test_a_fine_tuned_checkpoint_loads_without_its_pretrained_weights(kind, tmp_
     expected = task.state_dict()
     assert loaded.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
-    with pytest.raises(FileNotFoundError, match="resnet18-imagenet.pth"):  # outside the tools the file is still needed
+    # outside the tools the file is still needed
+    with pytest.raises(FileNotFoundError, match=re.escape("resnet18-imagenet.pth")):
         type(task)(**task.hparams)

@@ -69,10 +69,11 @@ def test_two_nodes_validate_as_one_process(tmp_path):
             "--trainer.num_nodes=2", "--trainer.strategy=ddp",
         ]  # fmt: skip
         node_env = {**env, "RESBONE_CACHE": str(tmp_path / f"cache{rank}")}  # a node's own disk
-        nodes.append(subprocess.Popen(command, cwd=ROOT, env=node_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        nodes.append(
+            subprocess.Popen(command, cwd=ROOT, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
     outputs = [node.communicate(timeout=TIMEOUT_S)[0].decode() for node in nodes]
-    for node, output in zip(nodes, outputs):
+    for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-5000:]
     single = subprocess.run(
         [sys.executable, *_validate_args(shapes, checkpoint, tmp_path / "single")], cwd=ROOT,

@@ -12,7 +12,13 @@ import segmentation
 API = {
     "backbones": ["create_backbone", "create_model", "list_backbones", "ClassificationTask", "ImageFolderDataModule"],
     "detection": ["build_model", "PRESETS", "COCOEvaluator", "DetectionTask", "CocoDetectionDataModule"],
-    "segmentation": ["build_model", "PRESETS", "SegmentationEvaluator", "SegmentationTask", "CocoSegmentationDataModule"],
+    "segmentation": [
+        "build_model",
+        "PRESETS",
+        "SegmentationEvaluator",
+        "SegmentationTask",
+        "CocoSegmentationDataModule",
+    ],
 }
 
 
@@ -24,7 +30,7 @@ def test_package_exports_its_api(package):
         assert getattr(module, name) is not None
         assert name in dir(module)
     with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
-        module.NoSuchThing
+        _ = module.NoSuchThing
 
 
 def test_importing_the_models_loads_neither_lightning_nor_opencv():

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from benchmark_coco import eval_benchmark, eval_markdown  # tools/, beside this script
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,7 +49,6 @@ from backbones.data.files import write_json
 from backbones.export import load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.training.tools import PRECISIONS, autocast, reports_errors
-from benchmark_coco import eval_benchmark, eval_markdown  # tools/, beside this script
 
 KINDS = {"resnet18": "cls", "resnet50": "cls", "resnet101": "cls", "faster_rcnn_r50_fpn": "det",
          "mask_rcnn_r50_fpn": "det", "deeplabv3_r50": "seg"}  # fmt: skip
@@ -96,7 +96,7 @@ def make_batch(kind: str, batch_size: int, image_size: int, device: str, with_ma
         target = {"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES["det"], (3,), generator=g)}
         if with_masks:
             masks = torch.zeros(3, size, size, dtype=torch.uint8)
-            for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist(), strict=True):
                 mask[y1:y2, x1:x2] = 1
             target["masks"] = masks
         images.append(torch.rand(3, size, size, generator=g).to(device))

@@ -53,14 +53,16 @@ def synthetic_coco(num_images: int, seed: int = 0) -> tuple[dict, list[dict]]:
         detections[:, :2] = detections[:, :2].clip(0, [width - 2, height - 2])
         detections[:, 2:] = detections[:, 2:].clip(1, [width, height] - detections[:, :2])
         polygons = [[x, y, x + w, y, x + w, y + h, x, y + h] for x, y, w, h in np.concatenate([boxes, detections])]
-        for (x, y, w, h), category, polygon in zip(boxes.tolist(), categories.tolist(), polygons):
+        for (x, y, w, h), category, polygon in zip(boxes.tolist(), categories.tolist(), polygons[:7], strict=True):
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": category, "bbox": [x, y, w, h],
                 "area": w * h, "segmentation": [polygon], "iscrowd": 0,
             })  # fmt: skip
         rles = mask_util.frPyObjects(polygons[7:], height, width)
         labels = np.concatenate([np.repeat(categories, 5), rng.integers(1, 81, 7)]).tolist()
-        for box, category, score, rle in zip(detections.tolist(), labels, rng.uniform(0, 1, 42).tolist(), rles):
+        for box, category, score, rle in zip(
+            detections.tolist(), labels, rng.uniform(0, 1, 42).tolist(), rles, strict=True
+        ):
             rle = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
             results.append({"image_id": image_id, "category_id": category, "bbox": box, "score": score,
                             "segmentation": rle})  # fmt: skip

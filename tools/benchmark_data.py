@@ -82,7 +82,7 @@ def _generate_coco(folder: Path, num_images: int, seed: int) -> None:
             entry = {"id": image_id, "file_name": name, "height": height, "width": width}
             f.write(("," if image_id > 1 else "") + json.dumps(entry))
         f.write('], "annotations": [')
-        for annotation_id, (image_id, k, category_id) in enumerate(zip(image_of, drawn, categories), 1):
+        for annotation_id, (image_id, k, category_id) in enumerate(zip(image_of, drawn, categories, strict=True), 1):
             segmentation, bbox, area = polygons[k]
             f.write(f'{"," if annotation_id > 1 else ""}{{"id": {annotation_id}, "image_id": {image_id}, '
                     f'"category_id": {category_id}, "segmentation": {segmentation}, "area": {area}, '

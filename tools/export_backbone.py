@@ -1,8 +1,11 @@
 """Export the network of a checkpoint as a plain state dict (torchvision/timm key names).
 
-    python tools/export_backbone.py runs/resnet50_imagenet/lightning_logs/version_0/checkpoints/last.ckpt resnet50_in1k.pth
-    python tools/export_backbone.py runs/resnet50d_imagenet_cosine/lightning_logs/version_0/checkpoints/last.ckpt r50d.pth --ema
-    python tools/export_backbone.py runs/mask_rcnn_r18_fpn_shapes/lightning_logs/version_0/checkpoints/last.ckpt r18_det.pth
+    python tools/export_backbone.py runs/resnet50_imagenet/lightning_logs/version_0/checkpoints/last.ckpt \\
+        resnet50_in1k.pth
+    python tools/export_backbone.py runs/resnet50d_imagenet_cosine/lightning_logs/version_0/checkpoints/last.ckpt \\
+        r50d.pth --ema
+    python tools/export_backbone.py runs/mask_rcnn_r18_fpn_shapes/lightning_logs/version_0/checkpoints/last.ckpt \\
+        r18_det.pth
 
 A classification checkpoint (tools/train_cls.py) gives the whole classifier (`conv1.weight`, `bn1.*`,
 `layer1.0.conv1.weight`, ..., `fc.weight`), which loads strictly into `backbones.create_model(name)`,
@@ -66,7 +69,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def task_of(hparams: dict) -> str:
-    """"detection", "segmentation" or "classification", from the checkpoint's `model` name."""
+    """ "detection", "segmentation" or "classification", from the checkpoint's `model` name."""
     return next((task for task, (_, names) in TASK_MODELS.items() if hparams["model"] in names), "classification")
 
 

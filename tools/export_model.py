@@ -59,7 +59,7 @@ class Source:
 
 
 def task_of(architecture: str) -> str:
-    """"detection", "segmentation" or "classification" for a model name (a preset or an architecture)."""
+    """ "detection", "segmentation" or "classification" for a model name (a preset or an architecture)."""
     import detection.models
     import segmentation.models
 
@@ -93,12 +93,30 @@ def from_checkpoint(path: Path) -> Source:
 
         task = load_task_checkpoint(SegmentationTask, path, map_location="cpu").eval()
         hp = task.hparams
-        return Source("segmentation", hp.model, task.model, int(hp.num_classes), hp.class_names, None, tuple(hp.mean), tuple(hp.std))
+        return Source(
+            "segmentation",
+            hp.model,
+            task.model,
+            int(hp.num_classes),
+            hp.class_names,
+            None,
+            tuple(hp.mean),
+            tuple(hp.std),
+        )
     from backbones.classification import ClassificationTask
 
     task = load_task_checkpoint(ClassificationTask, path, map_location="cpu").eval()
     mean, std = tuple(task.hparams.mean), tuple(task.hparams.std)  # the task normalizes its [0, 1] input
-    return Source("classification", hparams["model"], task.eval_model, int(hparams["num_classes"]), task.hparams.class_names, None, mean, std)
+    return Source(
+        "classification",
+        hparams["model"],
+        task.eval_model,
+        int(hparams["num_classes"]),
+        task.hparams.class_names,
+        None,
+        mean,
+        std,
+    )
 
 
 def from_preset(name: str, weights: Path, num_classes: int | None) -> Source:
@@ -132,7 +150,9 @@ def _classes_in(weights: Path, task: str) -> int:
     for key, value in state.items():
         if key.endswith(_CLASS_KEYS[task]):
             return int(value.shape[0])
-    raise WeightsError(f"{str(weights)!r}: no class layer ({', '.join(_CLASS_KEYS[task])}) to count classes; pass --num-classes")
+    raise WeightsError(
+        f"{str(weights)!r}: no class layer ({', '.join(_CLASS_KEYS[task])}) to count classes; pass --num-classes"
+    )
 
 
 def exportable(source: Source) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
@@ -175,7 +195,13 @@ def reference_of(source: Source, module: nn.Module):
 
 
 def export_model(
-    source: Source, output: Path, *, fmt: str, dynamic_batch: bool, dynamic_size: bool, image_size: tuple[int, int],
+    source: Source,
+    output: Path,
+    *,
+    fmt: str,
+    dynamic_batch: bool,
+    dynamic_size: bool,
+    image_size: tuple[int, int],
     check: bool = True,
 ) -> dict[str, Any]:
     """Exports `source` to `output`, writes its JSON, and (with `check`) compares it with the eager model."""
@@ -207,7 +233,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dynamic-size", action="store_true", help="any image height and width")
     parser.add_argument("--output", type=Path, help="the model file (default: beside the source, or the preset's name)")
     parser.add_argument("--weights", type=Path, help="with a preset: its weights (state dict or checkpoint file)")
-    parser.add_argument("--num-classes", type=int, help="with a preset: the number of classes (default: from --weights)")
+    parser.add_argument(
+        "--num-classes", type=int, help="with a preset: the number of classes (default: from --weights)"
+    )
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="export and check size")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the parity check")
     return parser.parse_args(argv)
@@ -235,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         if min(image_size) < smallest:
             raise ValueError(
                 f"--image-size {' '.join(map(str, image_size))}; give at least {smallest} pixels per side"
-                + (" with --dynamic-size (smaller maps at stride 32 fix the size in the graph)" if args.dynamic_size else "")
+                + (
+                    " with --dynamic-size (smaller maps at stride 32 fix the size in the graph)"
+                    if args.dynamic_size
+                    else ""
+                )
             )
         metadata = export_model(
             source, output, fmt=args.format, dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size,

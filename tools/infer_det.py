@@ -1,8 +1,8 @@
 """Run a detection checkpoint on an image or a folder: pictures with boxes, labels, scores and masks,
 plus a COCO results JSON.
 
-    python tools/infer_det.py runs/mask_rcnn_r18_fpn_shapes/lightning_logs/version_0/checkpoints/last.ckpt IMAGE_OR_FOLDER \\
-        --output out/ [--recursive] [--batch-size 8] [--precision bf16] [--score-threshold 0.5] \\
+    python tools/infer_det.py runs/mask_rcnn_r18_fpn_shapes/lightning_logs/version_0/checkpoints/last.ckpt \\
+        IMAGE_OR_FOLDER --output out/ [--recursive] [--batch-size 8] [--precision bf16] [--score-threshold 0.5] \\
         [--annotations instances_val.json] [--device cuda] [--no-fuse] [--compile]
 
 Writes `<stem>.jpg` per image (under `--recursive`, in the image's subfolder of the output folder) and
@@ -66,8 +66,9 @@ def load_model(
     model = prepare_for_inference(
         task.model.to(device), fuse=fuse, channels_last=fuse, compile_backbone=compile_backbone
     )
-    return Detector(model, list(task.hparams.class_names or []), task.hparams.label_to_category_id,
-                    IOU_TYPES[task.is_mask_model])
+    return Detector(
+        model, list(task.hparams.class_names or []), task.hparams.label_to_category_id, IOU_TYPES[task.is_mask_model]
+    )
 
 
 def read_image(path: Path) -> Tensor:
@@ -98,7 +99,7 @@ def draw(image: Tensor, prediction: dict, names: list[str], threshold: float) ->
     keep = prediction["scores"] >= threshold
     labels = [
         f"{names[int(label)] if int(label) < len(names) else int(label)} {score:.2f}"
-        for label, score in zip(prediction["labels"][keep], prediction["scores"][keep])
+        for label, score in zip(prediction["labels"][keep], prediction["scores"][keep], strict=True)
     ]
     canvas = image
     if keep.any():
@@ -113,10 +114,10 @@ def detect_batch(
 ) -> list[dict]:
     """Detects, draws and encodes a batch of `(index, image)` pairs (the picture and COCO id of image `index`
     are `pictures[index]`, `image_ids[index]`); returns its COCO results. Its dense masks end with it."""
-    indices, images = zip(*batch)
+    indices, images = zip(*batch, strict=True)
     results = []
     predictions = predict(detector.model, list(images), args.device, args.precision)
-    for index, image, prediction in zip(indices, images, predictions):
+    for index, image, prediction in zip(indices, images, predictions, strict=True):
         write_image(pictures[index], draw(image, prediction, detector.class_names, args.score_threshold))
         results += to_coco_results([prediction], [image_ids[index]], detector.label_to_category_id, detector.iou_types)
     return results
@@ -144,7 +145,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="infer_det", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", type=Path, help="a DetectionTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a DetectionTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)"
+    )
     add_inference_arguments(parser, default_output="predictions")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="drawn boxes only; the JSON keeps all")
     parser.add_argument("--annotations", help="a COCO JSON whose image ids the results should use")

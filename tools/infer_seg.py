@@ -1,6 +1,7 @@
 """Colour-overlay pictures of a segmentation checkpoint's predictions, for an image or a folder.
 
-    python tools/infer_seg.py runs/deeplabv3plus_r18_os16_shapes/lightning_logs/version_0/checkpoints/last.ckpt image.jpg
+    python tools/infer_seg.py runs/deeplabv3plus_r18_os16_shapes/lightning_logs/version_0/checkpoints/last.ckpt \\
+        image.jpg
     python tools/infer_seg.py last.ckpt images/ --output overlays/ --alpha 0.6 --size 512 --save-masks \\
         [--recursive] [--batch-size 8] [--precision bf16] [--device cuda] [--no-fuse] [--compile]
 
@@ -106,9 +107,9 @@ def segment_batch(
 ) -> None:
     """Segments a batch of `(index, image)` pairs of one size and writes `overlays[index]` (and with
     `--save-masks` `masks[index]`) of each."""
-    indices, images = zip(*batch)
+    indices, images = zip(*batch, strict=True)
     labels = predict(segmenter.model, list(images), args.device, args.precision, args.size).argmax(1)
-    for index, image, classes in zip(indices, images, labels.to(torch.uint8).cpu().numpy()):
+    for index, image, classes in zip(indices, images, labels.to(torch.uint8).cpu().numpy(), strict=True):
         write_image(overlays[index], overlay(image, classes, segmenter.class_names, args.alpha))
         if args.save_masks:
             write_image(masks[index], classes)
@@ -118,7 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="infer_seg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", type=Path, help="a SegmentationTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a SegmentationTask checkpoint (.ckpt) or an exported model (.pt2, .onnx)"
+    )
     add_inference_arguments(parser, default_output="outputs/segmentation")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight in the overlay, 0..1")
     parser.add_argument("--size", type=int, default=None, help="run with the shorter side at this size")

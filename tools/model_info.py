@@ -1,6 +1,6 @@
 """Parameters and multiply-adds of registered models.
 
-    python tools/model_info.py resnet18 resnet50 --stride-in-1x1
+python tools/model_info.py resnet18 resnet50 --stride-in-1x1
 """
 
 from __future__ import annotations

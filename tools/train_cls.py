@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from backbones.training.cli import run_cli
 from backbones.classification import ClassificationTask, ImageFolderDataModule
+from backbones.training.cli import run_cli
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -15,12 +15,12 @@ from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classifica
 from .task import ClassificationTask
 
 __all__ = [
+    "SHAPES_CLASSIFICATION_CLASSES",
     "ClassificationTask",
     "ImageFileError",
     "ImageFolder",
     "ImageFolderDataModule",
     "ImageFolderError",
-    "SHAPES_CLASSIFICATION_CLASSES",
     "ShapesClassificationDataModule",
     "generate_shapes_classification",
     "read_rgb_image",

@@ -112,9 +112,7 @@ class ClassificationTask(TrainingTask):
         # torchmetrics sums the counts over ranks in compute(); top-5 only where there are 5 classes to rank.
         num_classes = int(self.hparams.num_classes)
         top_k = [1, 5] if num_classes >= TOP5_MIN_CLASSES else [1]
-        return MetricCollection(
-            {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k}
-        )
+        return MetricCollection({f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in top_k})
 
     def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, labels = batch

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["MARKER", "default_cache_dir", "build_once", "is_complete", "publish"]
+__all__ = ["MARKER", "build_once", "default_cache_dir", "is_complete", "publish"]
 
 MARKER = "COMPLETE"  # written last; holds the parameters the folder was built with
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ class CocoAnnotations:
         """The (valid) polygons of an annotation, each a float64 array ``[x0, y0, x1, y1, ...]``."""
         first, last = self.polygon_starts[annotation], self.polygon_starts[annotation + 1]
         offsets = self.polygon_offsets[first : last + 1]
-        return [self.polygon_coords[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        return [self.polygon_coords[a:b] for a, b in pairwise(offsets)]
 
     def has_mask(self) -> np.ndarray:
         """(num_annotations,) bool: the annotation has an RLE or at least one valid polygon."""
@@ -293,7 +294,7 @@ def check_images_exist(store: CocoAnnotations, images: Path) -> None:
         raise FileNotFoundError(f"image folder {images} (for {store.path}) does not exist")
     present = set(os.listdir(os.fsencode(images)))  # compared as bytes: no string per image is made
     names, offsets = store.file_name_bytes.tobytes(), store.file_name_offsets.tolist()
-    absent = (names[a:b] for a, b in zip(offsets[:-1], offsets[1:]) if names[a:b] not in present)
+    absent = (names[a:b] for a, b in pairwise(offsets) if names[a:b] not in present)
     missing = [n.decode() for n in absent if not (images / n.decode()).is_file()]  # is_file: in sub-folders
     if missing:
         raise FileNotFoundError(

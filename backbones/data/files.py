@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["IMAGE_SUFFIXES", "is_image", "list_images", "json_safe", "write_atomically", "write_image", "write_json"]
+__all__ = ["IMAGE_SUFFIXES", "is_image", "json_safe", "list_images", "write_atomically", "write_image", "write_json"]
 
 # The suffixes (lower case) read as images everywhere: OpenCV decodes them all.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -122,10 +122,7 @@ def shapes_root(
         'shapes-v2-train8-val2-size64-objects1to3-seed0'
     """
     low, high = num_objects
-    name = (
-        f"shapes-v{FORMAT_VERSION}-train{num_train}-val{num_val}-size{image_size}"
-        f"-objects{low}to{high}-seed{seed}"
-    )
+    name = f"shapes-v{FORMAT_VERSION}-train{num_train}-val{num_val}-size{image_size}-objects{low}to{high}-seed{seed}"
     return default_cache_dir() / name
 
 

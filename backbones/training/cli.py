@@ -55,7 +55,10 @@ def checkpoint_folders(trainer: L.Trainer) -> list[Path]:
 
 
 def run_cli(
-    task: type[L.LightningModule], datamodule: type[L.LightningDataModule], args: list[str] | None = None, run: bool = True
+    task: type[L.LightningModule],
+    datamodule: type[L.LightningDataModule],
+    args: list[str] | None = None,
+    run: bool = True,
 ) -> LightningCLI:
     """`fit/validate/test/predict` from a YAML config; the data module is chosen by `class_path`.
 

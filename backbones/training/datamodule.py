@@ -104,7 +104,8 @@ class TaskDataModule(ResumableTrainData, L.LightningDataModule):
         if split not in self.datasets:
             available = self.available_splits()
             if split not in available:
-                paths = zip(self.split_path_names, getattr(self, "split_paths", {}).get(split, ()))
+                # not strict: a split (or a subclass) without `split_paths` names no paths
+                paths = zip(self.split_path_names, getattr(self, "split_paths", {}).get(split, ()), strict=False)
                 given = ", ".join(f"{split}_{name}={path!r}" for name, path in paths)
                 raise ValueError(
                     f"no {split} data given to {type(self).__name__} ({given}); set them "

@@ -1,4 +1,6 @@
-"""Optimizer inputs: parameter groups (no decay on norms and biases) and the learning rate scaled by the global batch."""
+"""Optimizer inputs: parameter groups (no decay on norms and biases) and the learning rate scaled by the
+global batch.
+"""
 
 from __future__ import annotations
 

@@ -59,4 +59,3 @@ class LRSchedule:
         if self.schedule == "poly":
             return (1 - progress) ** self.power
         return 1.0
-

@@ -123,7 +123,7 @@ def output_paths(images: Sequence[Path], source: Path, output: Path, suffix: str
     """
     root = source if source.is_dir() else source.parent
     paths = [output / image.relative_to(root).parent / f"{image.stem}{suffix}" for image in images]
-    for image, path in zip(images, paths):
+    for image, path in zip(images, paths, strict=True):
         if path.resolve() == image.resolve():
             raise ValueError(f"{path}: writing it would overwrite the input image; choose another --output")
     return paths
@@ -181,4 +181,3 @@ def for_each_batch(
             process(batch)
             bar.update(len(batch))
     return len(images) / (time.perf_counter() - start)
-

@@ -127,6 +127,6 @@ def test_fpn_matches_torchvision_resnet_fpn_backbone():
         expected, actual = reference(_input()), ours(_input())
     assert list(expected) == ["0", "1", "2", "3", "pool"]
     assert list(actual) == ["p2", "p3", "p4", "p5", "p6"]
-    for (key, value), reference_key in zip(actual.items(), expected):
+    for (key, value), reference_key in zip(actual.items(), expected, strict=True):
         diff = (value - expected[reference_key]).abs().max().item()
         assert diff < 1e-4, f"{key}: max abs diff {diff:.3g}"

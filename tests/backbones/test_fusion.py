@@ -13,7 +13,6 @@ from torchvision.ops import FrozenBatchNorm2d
 import detection
 import segmentation.models
 from backbones import create_backbone, create_model, fuse_for_inference
-from backbones.cpu_conv import FusedConv2d
 from backbones.fusion import fold_batch_norms
 
 NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
@@ -123,7 +122,11 @@ def test_timm_norm_act_keeps_its_activation_and_unknown_norm_subclasses_stay():
         nn.Conv2d(8, 8, 1), ScaledNorm(8),
     )  # fmt: skip
     with torch.no_grad():  # randomize_norms knows torchvision's frozen norm, not timm's
-        model[3].running_mean.uniform_(-0.5, 0.5), model[3].running_var.uniform_(0.5, 1.5), model[3].weight.uniform_(0.5, 1.5)
+        (
+            model[3].running_mean.uniform_(-0.5, 0.5),
+            model[3].running_var.uniform_(0.5, 1.5),
+            model[3].weight.uniform_(0.5, 1.5),
+        )
     reference, fused = fused_pair(model)
     assert isinstance(fused[1], nn.Identity) and fused[0].activation == "relu"  # the ReLU went into the conv
     assert isinstance(fused[3], nn.GELU) and isinstance(fused[5], ScaledNorm)
@@ -149,7 +152,7 @@ def test_detectors_match(name, head):
     images = [torch.rand(3, 128, 128, generator=generator), torch.rand(3, 96, 128, generator=generator)]
     expected, actual = _detections(reference, images), _detections(fused, images)
     assert sum(len(e["boxes"]) for e in expected) > 0  # something to compare
-    for e, a in zip(expected, actual):
+    for e, a in zip(expected, actual, strict=True):
         assert e.keys() == a.keys()
         for key in e:
             assert_close(a[key], e[key])
@@ -186,7 +189,7 @@ def test_compiled_backbone_and_fpn_match_eager():
     for name in expected:
         assert_close(actual[name].contiguous(), expected[name])
     images = [x[0], x[1, :, :96]]  # the whole detector runs with the compiled backbone, heads eager
-    for e, a in zip(_detections(reference, images), _detections(compiled, images)):
+    for e, a in zip(_detections(reference, images), _detections(compiled, images), strict=True):
         assert e.keys() == a.keys()
         for key in e:
             assert_close(a[key], e[key])

@@ -122,7 +122,9 @@ def _input() -> torch.Tensor:
 
 def _check_parity(name: str, anchor: nn.Module, output_stride: int, path) -> None:
     x = _input()
-    expected_logits, expected = _stage_outputs(anchor, {f: getattr(anchor, s) for f, s in zip(FEATURES, STAGES)}, x)
+    expected_logits, expected = _stage_outputs(
+        anchor, {f: getattr(anchor, s) for f, s in zip(FEATURES, STAGES, strict=True)}, x
+    )
     backbone = create_backbone(name, weights=str(path), output_stride=output_stride).eval()
     assert [info.name for info in backbone.feature_info] == list(FEATURES)
     with torch.no_grad():

@@ -119,7 +119,7 @@ def test_resnet_frozen_stages(name, frozen_stages):
     out = model(_input(batch=2))
     for index, stage in enumerate(stages):
         after = _bn_snapshot(stage)
-        unchanged = all(torch.equal(a, b) for a, b in zip(before[index], after))
+        unchanged = all(torch.equal(a, b) for a, b in zip(before[index], after, strict=True))
         if index <= frozen_stages:
             assert unchanged, f"running statistics of frozen stage {index} moved"
         elif after:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -21,16 +22,20 @@ STAGES = {
     "resnet18": (("conv1.", "bn1."), ("layer1.",), ("layer2.",), ("layer3.",), ("layer4.",)),
     "convnext_atto": (("stem.",), ("stages.0.",), ("stages.1.",), ("stages.2.",), ("stages.3.",)),
     "efficientnet_b0": (
-        ("conv_stem.", "bn1.", "blocks.0."), ("blocks.1.",), ("blocks.2.",), ("blocks.3.", "blocks.4."),
+        ("conv_stem.", "bn1.", "blocks.0."),
+        ("blocks.1.",),
+        ("blocks.2.",),
+        ("blocks.3.", "blocks.4."),
         ("blocks.5.", "blocks.6."),
-    ),  # fmt: skip
+    ),
     "regnetx_002": (("stem.",), ("s1.",), ("s2.",), ("s3.",), ("s4.",)),
 }
 NORMS = ("bn", "frozen_bn", "gn", "sync_bn")
 # By default one combination per model, each norm and each frozen_stages once (a step costs seconds on a CPU);
 # the other 44 of the 48 are `slow`. The fused norm + activation layers are also checked on their own below.
 DEFAULT = {
-    ("resnet18", "frozen_bn", 1), ("convnext_atto", "bn", -1), ("efficientnet_b0", "sync_bn", 1), ("regnetx_002", "gn", 0),
+    ("resnet18", "frozen_bn", 1), ("convnext_atto", "bn", -1),
+    ("efficientnet_b0", "sync_bn", 1), ("regnetx_002", "gn", 0),
 }  # fmt: skip
 COMBOS = [
     pytest.param(name, norm, frozen, marks=() if (name, norm, frozen) in DEFAULT else pytest.mark.slow)
@@ -141,7 +146,7 @@ def test_norm_policy_keeps_activations_of_fused_layers():
     with torch.no_grad():
         expected = model(x)
         frozen = replace_batch_norms(model, "frozen_bn")  # timm's converter, same statistics: same outputs
-        for a, b in zip(frozen(x), expected):
+        for a, b in zip(frozen(x), expected, strict=True):
             torch.testing.assert_close(a, b)
     model = timm.create_model("regnetx_002", features_only=True)
     activations = [type(m.act) for m in model.modules() if isinstance(m, BatchNormAct2d)]
@@ -197,7 +202,7 @@ def test_safetensors_file_as_backbone_weights(tmp_path):
     backbone = create_backbone("timm/resnet18", weights=str(tmp_path / "model.safetensors"))
     assert torch.equal(backbone.model.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(WeightsError, match="broken.safetensors"):
+    with pytest.raises(WeightsError, match=re.escape("broken.safetensors")):
         backbones.weights.read_state_dict(tmp_path / "broken.safetensors")
 
 

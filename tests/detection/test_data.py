@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import cv2
 import numpy as np
@@ -49,16 +50,51 @@ def coco_files(tmp_path):
     crowd = np.zeros((32, 48), np.uint8)
     crowd[20:30, 2:10] = 1
     annotations = [
-        {"id": 10, "image_id": 1, "category_id": 3, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0,
-         "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]},
-        {"id": 11, "image_id": 1, "category_id": 7, "bbox": [30, 4, 14, 8], "area": 112, "iscrowd": 0,
-         "segmentation": rle_of(make_rle_mask(32, 48))},
-        {"id": 12, "image_id": 1, "category_id": 1, "bbox": [2, 20, 8, 10], "area": 80, "iscrowd": 1,
-         "segmentation": {"size": [32, 48], "counts": uncompressed_counts(crowd)}},
-        {"id": 13, "image_id": 1, "category_id": 1, "bbox": [20, 20, 0, 5], "area": 0, "iscrowd": 0,
-         "segmentation": [[20, 20, 20, 25, 20, 20]]},
-        {"id": 20, "image_id": 2, "category_id": 1, "bbox": [4, 30, 20, 10], "area": 200, "iscrowd": 0,
-         "segmentation": [[4, 30, 24, 30, 24, 40, 4, 40]]},
+        {
+            "id": 10,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [2, 2, 10, 10],
+            "area": 100,
+            "iscrowd": 0,
+            "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]],
+        },
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 7,
+            "bbox": [30, 4, 14, 8],
+            "area": 112,
+            "iscrowd": 0,
+            "segmentation": rle_of(make_rle_mask(32, 48)),
+        },
+        {
+            "id": 12,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [2, 20, 8, 10],
+            "area": 80,
+            "iscrowd": 1,
+            "segmentation": {"size": [32, 48], "counts": uncompressed_counts(crowd)},
+        },
+        {
+            "id": 13,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [20, 20, 0, 5],
+            "area": 0,
+            "iscrowd": 0,
+            "segmentation": [[20, 20, 20, 25, 20, 20]],
+        },
+        {
+            "id": 20,
+            "image_id": 2,
+            "category_id": 1,
+            "bbox": [4, 30, 20, 10],
+            "area": 200,
+            "iscrowd": 0,
+            "segmentation": [[4, 30, 24, 30, 24, 40, 4, 40]],
+        },
     ]
     coco = {
         "images": [{"id": i, "file_name": f"{i}.png", "height": h, "width": w} for i, (h, w) in sizes.items()],
@@ -143,7 +179,7 @@ def test_horizontal_flip_moves_boxes_and_masks(coco_files):
     torch.testing.assert_close(flipped_target["masks"], target["masks"].flip(-1))
     expected = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([width, 0, width, 0])
     torch.testing.assert_close(flipped_target["boxes"].as_subclass(torch.Tensor), expected.as_subclass(torch.Tensor))
-    for box, mask in zip(flipped_target["boxes"], flipped_target["masks"]):
+    for box, mask in zip(flipped_target["boxes"], flipped_target["masks"], strict=True):
         columns = mask.any(0).nonzero()
         assert box[0] <= columns.min() and columns.max() < box[2]
 
@@ -151,7 +187,7 @@ def test_horizontal_flip_moves_boxes_and_masks(coco_files):
 def test_train_transforms_resize_all_targets_together(coco_files):
     dataset = CocoDetection(*coco_files, transforms=train_transforms((16,), 64), with_masks=True)
     image, target = dataset[0]
-    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
     assert image.shape == (3, 16, 24)
     assert target["masks"].shape == (2, 16, 24) and target["masks"].dtype == torch.uint8
     assert target["boxes"].canvas_size == (16, 24)
@@ -218,7 +254,7 @@ def test_malformed_json_is_named(coco_files):
 def test_missing_top_level_key_is_named(coco_files):
     images_dir, annotations = coco_files
     rewrite_json(annotations, lambda coco: coco.pop("categories"))
-    with pytest.raises(AnnotationFileError, match="instances.json: missing the top-level key 'categories'"):
+    with pytest.raises(AnnotationFileError, match=re.escape("instances.json: missing the top-level key 'categories'")):
         CocoDetection(images_dir, annotations)
 
 
@@ -306,10 +342,12 @@ def test_datamodule_rejects_different_categories(coco_files, tmp_path):
     other.write_text(annotations.read_text())
     rewrite_json(other, lambda coco: coco["categories"].append({"id": 9, "name": "star"}))
     datamodule = CocoDetectionDataModule(
-        train_images=str(images_dir), train_annotations=str(other),
-        val_images=str(images_dir), val_annotations=str(annotations),
+        train_images=str(images_dir),
+        train_annotations=str(other),
+        val_images=str(images_dir),
+        val_annotations=str(annotations),
     )
-    with pytest.raises(AnnotationFileError, match="other.json: categories"):
+    with pytest.raises(AnnotationFileError, match=re.escape("other.json: categories")):
         datamodule.setup("fit")
 
 

@@ -148,12 +148,14 @@ def to_predictions(detections, image_ids, seed=0):
         binary = np.stack([d["mask"] for d in mine]) if mine else np.zeros((0, height, width), np.uint8)
         # Foreground probabilities in [0.6, 1], background in [0, 0.4]: thresholding at 0.5 gives the binary masks.
         probabilities = np.where(binary, rng.uniform(0.6, 1.0, binary.shape), rng.uniform(0, 0.4, binary.shape))
-        predictions.append({
-            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-            "scores": torch.tensor([d["score"] for d in mine], dtype=torch.float64),
-            "labels": torch.tensor([CATEGORY_ID_TO_LABEL[d["category_id"]] for d in mine], dtype=torch.int64),
-            "masks": torch.from_numpy(probabilities).float()[:, None],
-        })
+        predictions.append(
+            {
+                "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                "scores": torch.tensor([d["score"] for d in mine], dtype=torch.float64),
+                "labels": torch.tensor([CATEGORY_ID_TO_LABEL[d["category_id"]] for d in mine], dtype=torch.int64),
+                "masks": torch.from_numpy(probabilities).float()[:, None],
+            }
+        )
     return predictions
 
 
@@ -162,7 +164,7 @@ def reference_stats(gt_path, detections, iou_type, image_ids=None):
     keep = ("image_id", "category_id", "score") + (("bbox",) if iou_type == "bbox" else ())
     results = [{k: d[k] for k in keep} for d in detections]
     if iou_type == "segm":  # one RLE per mask, and no box: the mask area decides small/medium/large
-        for result, d in zip(results, detections):
+        for result, d in zip(results, detections, strict=True):
             rle = mask_util.encode(np.asfortranarray(d["mask"][:, :, None]))[0]
             result["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -289,7 +291,6 @@ def test_image_with_zero_predictions_counts_as_missed(fixture):
     assert metrics["bbox_AR100"] < all_metrics["bbox_AR100"]  # its objects count as missed, not dropped
 
 
-
 @pytest.mark.parametrize("backend", ["pycocotools", pytest.param("faster_coco_eval", marks=needs_faster_coco_eval)])
 def test_images_never_seen_are_left_out_not_missed(fixture, backend, capsys):
     # limit_val_batches: image 12 (which has objects) is never given to the evaluator; it must not count as
@@ -324,7 +325,7 @@ def test_duplicate_image_ids_are_counted_once(fixture):
     predictions = to_predictions(detections, image_ids)
     once, _ = evaluate(gt_path, predictions, image_ids)
     # DistributedSampler padding repeats the first images; the first copy of an image wins.
-    repeated_predictions = predictions + [_shifted(predictions[0]), predictions[1]]
+    repeated_predictions = [*predictions, _shifted(predictions[0]), predictions[1]]
     twice, _ = evaluate(gt_path, repeated_predictions, image_ids + image_ids[:2])
     assert twice == pytest.approx(once, nan_ok=True)
 
@@ -413,7 +414,7 @@ def test_distributed_gather_matches_single_process(fixture, tmp_path):
     image_ids = list(IMAGE_SIZES)
     predictions = to_predictions(detections, image_ids)
     # DistributedSampler(shuffle=False) over 7 images on 2 ranks: indices 0..6 then 0 again as padding.
-    padded = list(range(len(image_ids))) + [0]
+    padded = [*range(len(image_ids)), 0]
     ids_by_rank = [[image_ids[i] for i in padded[rank::2]] for rank in range(2)]
     predictions_by_rank = [[predictions[i] for i in padded[rank::2]] for rank in range(2)]
     predictions_by_rank[1][-1] = _shifted(predictions[0])  # a different padding copy: rank 0's first copy wins

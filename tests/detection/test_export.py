@@ -25,7 +25,7 @@ def tiny(architecture: str, **changes) -> torch.nn.Module:
 def _eager_equal(model, wrapper, image):
     with torch.no_grad():
         expected = model([image])[0]
-        outputs = dict(zip(wrapper.output_names, wrapper(image[None])))
+        outputs = dict(zip(wrapper.output_names, wrapper(image[None]), strict=True))
     count = int(outputs["num_detections"][0])
     assert count == len(expected["boxes"])
     torch.testing.assert_close(outputs["boxes"][0, :count], expected["boxes"], rtol=0, atol=1e-4)
@@ -40,7 +40,7 @@ def test_wrapper_gives_the_eager_detections_at_any_size(architecture):
     model = tiny(architecture)
     wrapper = ExportableRCNN(model)
     for image in check_images([(96, 128), (131, 77), (200, 150)], seed=1):
-        outputs, expected = _eager_equal(model, wrapper, image)
+        outputs, _expected = _eager_equal(model, wrapper, image)
         assert outputs["boxes"].shape == (1, 20, 4) and outputs["labels"].dtype == torch.int64
         if architecture == "mask_rcnn":
             assert outputs["masks"].shape == (1, 20, 1, 28, 28)
@@ -116,7 +116,14 @@ def test_an_image_without_detections_runs_through_the_export(tmp_path):
     wrapper = ExportableRCNN(model)
     images = check_images([(96, 128)] * 2, seed=3)
     path = tmp_path / "empty.pt2"
-    write_exported(wrapper, images[0][None], path, metadata={"task": "detection"}, output_names=wrapper.output_names, dynamic_size=False)
+    write_exported(
+        wrapper,
+        images[0][None],
+        path,
+        metadata={"task": "detection"},
+        output_names=wrapper.output_names,
+        dynamic_size=False,
+    )
     with torch.no_grad():
         assert [len(p["boxes"]) for p in model(images)] == [0, 0]
         assert [len(p["boxes"]) for p in load_exported(path)(images)] == [0, 0]

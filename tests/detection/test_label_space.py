@@ -38,13 +38,22 @@ def _category_id_model(contiguous: torch.nn.Module, num_outputs: int) -> torch.n
     are never predicted (a logit of -1e4 has probability 0)."""
     model = build_model("faster_rcnn_r18_fpn", num_classes=num_outputs, **TINY).eval()
     state = contiguous.state_dict()
-    cls_w, cls_b = state.pop("roi_heads.box_predictor.cls_score.weight"), state.pop("roi_heads.box_predictor.cls_score.bias")
-    reg_w, reg_b = state.pop("roi_heads.box_predictor.bbox_pred.weight"), state.pop("roi_heads.box_predictor.bbox_pred.bias")
+    cls_w, cls_b = (
+        state.pop("roi_heads.box_predictor.cls_score.weight"),
+        state.pop("roi_heads.box_predictor.cls_score.bias"),
+    )
+    reg_w, reg_b = (
+        state.pop("roi_heads.box_predictor.bbox_pred.weight"),
+        state.pop("roi_heads.box_predictor.bbox_pred.bias"),
+    )
     new_cls_w, new_cls_b = torch.zeros(num_outputs, cls_w.shape[1]), torch.full((num_outputs,), -1e4)
     new_reg_w, new_reg_b = torch.zeros(4 * num_outputs, reg_w.shape[1]), torch.zeros(4 * num_outputs)
     for label, row in {0: 0, **SHAPE_IDS}.items():
         new_cls_w[row], new_cls_b[row] = cls_w[label], cls_b[label]
-        new_reg_w[4 * row : 4 * row + 4], new_reg_b[4 * row : 4 * row + 4] = reg_w[4 * label : 4 * label + 4], reg_b[4 * label : 4 * label + 4]
+        new_reg_w[4 * row : 4 * row + 4], new_reg_b[4 * row : 4 * row + 4] = (
+            reg_w[4 * label : 4 * label + 4],
+            reg_b[4 * label : 4 * label + 4],
+        )
     state.update({
         "roi_heads.box_predictor.cls_score.weight": new_cls_w, "roi_heads.box_predictor.cls_score.bias": new_cls_b,
         "roi_heads.box_predictor.bbox_pred.weight": new_reg_w, "roi_heads.box_predictor.bbox_pred.bias": new_reg_b,
@@ -59,9 +68,9 @@ def _raw_pycocotools(model: torch.nn.Module, datamodule: ShapesDataModule, label
     results = []
     with torch.no_grad():
         for images, targets in datamodule.val_dataloader():
-            for prediction, target in zip(model(images), targets):
+            for prediction, target in zip(model(images), targets, strict=True):
                 for box, score, label in zip(prediction["boxes"].tolist(), prediction["scores"].tolist(),
-                                             prediction["labels"].tolist()):  # fmt: skip
+                                             prediction["labels"].tolist(), strict=True):  # fmt: skip
                     if label in label_to_category_id:
                         x0, y0, x1, y1 = box
                         results.append({"image_id": int(target["image_id"]), "category_id": label_to_category_id[label],

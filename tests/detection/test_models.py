@@ -56,7 +56,7 @@ def test_torchvision_checkpoint_parity(tmp_path, tv_name, preset, frozen_body):
     images = [torch.rand(3, 128, 150), torch.rand(3, 140, 128)]
     with torch.no_grad():
         expected, actual = reference(images), ours(images)
-    for exp, act in zip(expected, actual):
+    for exp, act in zip(expected, actual, strict=True):
         assert exp.keys() == act.keys()
         assert len(exp["boxes"]) > 0
         for key in exp:

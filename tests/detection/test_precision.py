@@ -44,15 +44,23 @@ def coco_ap(boxes: torch.Tensor, labels: torch.Tensor, detections: dict) -> floa
     ground_truth.dataset = {
         "images": [{"id": 1, "height": 1024, "width": 1024}],
         "annotations": [
-            {"id": i + 1, "image_id": 1, "category_id": int(c), "bbox": xywh(b), "area": (b[2] - b[0]) * (b[3] - b[1]),
-             "iscrowd": 0}
-            for i, (b, c) in enumerate(zip(boxes.tolist(), labels.tolist()))
-        ],  # fmt: skip
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": int(c),
+                "bbox": xywh(b),
+                "area": (b[2] - b[0]) * (b[3] - b[1]),
+                "iscrowd": 0,
+            }
+            for i, (b, c) in enumerate(zip(boxes.tolist(), labels.tolist(), strict=True))
+        ],
         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
     }
     results = [
         {"image_id": 1, "category_id": int(c), "bbox": xywh(b), "score": float(s)}
-        for b, c, s in zip(detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist())
+        for b, c, s in zip(
+            detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist(), strict=True
+        )
     ]
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth.createIndex()
@@ -99,6 +107,6 @@ def test_float32_results_are_bit_identical_to_torchvisions_parts():
         model.transform.__class__ = GeneralizedRCNNTransform
         theirs = model(images)
     assert len(ours[0]["boxes"]) > 0
-    for mine, reference in zip(ours, theirs):
+    for mine, reference in zip(ours, theirs, strict=True):
         for key in reference:
             assert torch.equal(mine[key], reference[key]), key

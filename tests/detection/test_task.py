@@ -27,7 +27,13 @@ def tiny_shapes(tmp_path_factory):
 
 def _data_overrides(config: Path, data) -> list[str]:
     if "shapes" in config.name:
-        return [f"--data.root={data.root}", "--data.num_train=4", "--data.num_val=3", "--data.image_size=64", "--data.seed=1"]
+        return [
+            f"--data.root={data.root}",
+            "--data.num_train=4",
+            "--data.num_val=3",
+            "--data.image_size=64",
+            "--data.seed=1",
+        ]
     return [
         f"--data.train_images={data.train_images}",
         f"--data.train_annotations={data.train_annotations}",
@@ -78,10 +84,15 @@ def test_config_fast_dev_run(config, tiny_shapes, tmp_path):
 
 def test_validate_and_predict_from_checkpoint(tiny_shapes, tmp_path):
     common = [
-        "--config", str(ROOT / "configs/detection/faster_rcnn_r18_fpn_shapes.yaml"),
+        "--config",
+        str(ROOT / "configs/detection/faster_rcnn_r18_fpn_shapes.yaml"),
         *_data_overrides(ROOT / "configs/detection/faster_rcnn_r18_fpn_shapes.yaml", tiny_shapes),
-        "--data.batch_size=2", "--data.num_workers=0", *TINY_MODEL_ARGS,
-        "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        *TINY_MODEL_ARGS,
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
     ]
     train_det.main(["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"])
     ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))

@@ -12,11 +12,13 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
 from segmentation.weights_table import SEGMENTATION_WEIGHTS, VOC_CATEGORY_IDS
-from tests.segmentation.test_task import ROOT, data_overrides, tiny_data  # noqa: F401  (a fixture)
+from tests.segmentation import test_task
+from tests.segmentation.test_task import ROOT, data_overrides
 from tests.tools.loader import load_tool
 
 CONFIG = ROOT / "configs/segmentation/deeplabv3_r50_os8_coco.yaml"
 TAG = "deeplabv3_r50.tv_coco_voc"
+tiny_data = test_task.tiny_data  # the module-scoped fixture, shared with test_task
 
 
 @pytest.fixture

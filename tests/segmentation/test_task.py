@@ -27,7 +27,7 @@ def tiny_data(tmp_path_factory):
     shapes = generate_shapes(root / "shapes", num_train=2, num_val=2, image_size=40)
     coco = json.loads(shapes.train_annotations.read_text())
     # give the shapes the ids of COCO person, bicycle and car, which the VOC subset contains too
-    for category, new_id in zip(coco["categories"], (1, 2, 3)):
+    for category, new_id in zip(coco["categories"], (1, 2, 3), strict=True):
         for annotation in coco["annotations"]:
             if annotation["category_id"] == category["id"]:
                 annotation["new_id"] = new_id
@@ -50,7 +50,14 @@ def tiny_data(tmp_path_factory):
 def data_overrides(config: Path, data: dict) -> list[str]:
     """Points a config's data at the tiny fixtures and keeps the run small."""
     name = config.stem
-    small = ["--data.init_args.crop_size", "48", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]
+    small = [
+        "--data.init_args.crop_size",
+        "48",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.num_workers",
+        "0",
+    ]
     if name.endswith("_shapes"):
         return ["--data.init_args.root", str(data["shapes"]), "--data.init_args.num_train", "2",
                 "--data.init_args.num_val", "2", "--data.init_args.image_size", "40", *small]  # fmt: skip

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.tools import loader
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IMAGES = {4: (80, 100), 9: (120, 90), 13: (100, 100)}  # id: (H, W); image 13 has no annotation
 CATEGORIES = {2: "cat", 5: "dog"}
@@ -144,7 +145,7 @@ def test_bad_input_exits_2_without_output(files, tmp_path, case):
     gt_path, results_path, results = files
     arguments, message = _corrupt(tmp_path, gt_path, results, case)
     defaults = {"--annotations": gt_path, "--results": results_path, "--output": tmp_path / "metrics.json"}
-    defaults.update(dict(zip(arguments[::2], arguments[1::2])))
+    defaults.update(dict(zip(arguments[::2], arguments[1::2], strict=True)))
     completed = run_tool(*[str(v) for pair in defaults.items() for v in pair], "--iou-type", "bbox", "segm")
     assert completed.returncode == 2
     assert completed.stderr.startswith("eval_det: error: ") and message in completed.stderr, completed.stderr

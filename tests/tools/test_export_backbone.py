@@ -32,8 +32,16 @@ def pretrained(tmp_path_factory):
     data = ImageFolderDataModule(root=str(root), batch_size=6, num_workers=0, crop_size=32, resize_size=32)
     task = ClassificationTask(model="resnet18", lr=0.05, ema_decay=0.5)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder,
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=folder,
     )
     trainer.fit(task, datamodule=data)
     checkpoint = folder / "pretrained.ckpt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,10 +14,10 @@ import torch
 from backbones import create_model
 from backbones.classification import ClassificationTask, ShapesClassificationDataModule
 from backbones.export import ExportMismatch, check_export, check_images, load_exported, sidecar_path
-from segmentation.data import ShapesSegmentationDataModule
-from segmentation.task import SegmentationTask
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
+from segmentation.data import ShapesSegmentationDataModule
+from segmentation.task import SegmentationTask
 from tests.tools.loader import fit_one_step, load_tool
 
 export_model = load_tool("export_model")
@@ -66,7 +67,16 @@ def segmenter_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("fmt", _formats())
 def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_checkpoint, tmp_path, fmt):
     output = tmp_path / f"classifier{SUFFIX[fmt]}"
-    args = [str(classifier_checkpoint), "--format", fmt, "--dynamic-batch", "--dynamic-size", "--image-size", "64", "72"]
+    args = [
+        str(classifier_checkpoint),
+        "--format",
+        fmt,
+        "--dynamic-batch",
+        "--dynamic-size",
+        "--image-size",
+        "64",
+        "72",
+    ]
     assert export_model.main([*args, "--output", str(output)]) == 0
     metadata = json.loads(sidecar_path(output).read_text())
     assert metadata["task"] == "classification" and metadata["format"] == fmt
@@ -75,7 +85,16 @@ def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_ch
     assert [c["name"] for c in metadata["categories"]] == ClassificationTask.load_from_checkpoint(
         classifier_checkpoint, weights_only=True
     ).hparams.class_names
-    assert metadata["outputs"] == [{"name": "logits", "shape": ["N", len(metadata["categories"]), ], "dtype": "float32"}]
+    assert metadata["outputs"] == [
+        {
+            "name": "logits",
+            "shape": [
+                "N",
+                len(metadata["categories"]),
+            ],
+            "dtype": "float32",
+        }
+    ]
 
     # what a user does next: load it and run images in [0, 1], as the task takes them (it normalizes them itself)
     task = ClassificationTask.load_from_checkpoint(classifier_checkpoint, weights_only=True).eval()
@@ -108,12 +127,17 @@ def test_segmenter_checkpoint_keeps_its_normalization_and_classes(segmenter_chec
 def test_fixed_size_export_refuses_another_size(segmenter_checkpoint, tmp_path):
     segmenter_checkpoint, _ = segmenter_checkpoint
     output = tmp_path / "fixed.pt2"
-    assert export_model.main([str(segmenter_checkpoint), "--format", "export", "--image-size", "40", "48", "--output", str(output)]) == 0
+    assert (
+        export_model.main(
+            [str(segmenter_checkpoint), "--format", "export", "--image-size", "40", "48", "--output", str(output)]
+        )
+        == 0
+    )
     metadata = json.loads(sidecar_path(output).read_text())
     assert metadata["input"]["dynamic_axes"] == [] and metadata["input"]["example_shape"] == [1, 3, 40, 48]
     model = load_exported(output)
     assert model(torch.rand(1, 3, 40, 48))["out"].shape == (1, 4, 40, 48)
-    with pytest.raises(Exception, match="48|56"):
+    with pytest.raises(Exception, match=r"48|56"):
         model(torch.rand(1, 3, 40, 56))
 
 
@@ -160,13 +184,13 @@ def test_check_export_names_each_detection_difference():
         compare(boxes=boxes[:1], labels=expected["labels"][:1], scores=expected["scores"][:1], masks=masks[:1])
     with pytest.raises(ExportMismatch, match=r"labels \[1, 3\]"):
         compare(labels=torch.tensor([1, 3]))
-    with pytest.raises(ExportMismatch, match="boxes differ by 0.5 px"):
+    with pytest.raises(ExportMismatch, match=re.escape("boxes differ by 0.5 px")):
         compare(boxes=boxes + 0.5)
     with pytest.raises(ExportMismatch, match="scores differ"):
         compare(scores=expected["scores"] + 1e-3)
     moved = masks.clone()
     moved[1, :, 5:20, 5:7] = 0.0
-    with pytest.raises(ExportMismatch, match="mask IoU 0.86.. for detection 1"):
+    with pytest.raises(ExportMismatch, match=r"mask IoU 0.86.. for detection 1"):
         compare(masks=moved)
 
 
@@ -176,8 +200,10 @@ def test_check_export_names_each_detection_difference():
         (["nowhere.ckpt", "--format", "onnx"], "checkpoint 'nowhere.ckpt' does not exist"),
         (["resnet18", "--format", "onnx"], "for a preset give its --weights FILE"),
         (["resnet18", "--format", "export", "--weights", "w.pth", "--output", "m.onnx"], "writes a .pt2 file"),
-        (["resnet18", "--format", "export", "--weights", "w.pth", "--dynamic-size", "--image-size", "32", "64"],
-         "give at least 64 pixels per side with --dynamic-size"),
+        (
+            ["resnet18", "--format", "export", "--weights", "w.pth", "--dynamic-size", "--image-size", "32", "64"],
+            "give at least 64 pixels per side with --dynamic-size",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
@@ -204,7 +230,10 @@ def test_onnx_without_the_extra_names_the_packages(tmp_path, monkeypatch, capsys
 
 
 def test_import_backbones_loads_no_onnx():
-    code = "import backbones, backbones.export, sys; print(sorted(m for m in ('onnx', 'onnxscript', 'onnxruntime') if m in sys.modules))"
+    code = (
+        "import backbones, backbones.export, sys; "
+        "print(sorted(m for m in ('onnx', 'onnxscript', 'onnxruntime') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -212,7 +241,7 @@ def test_import_backbones_loads_no_onnx():
 def test_load_exported_needs_its_json(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="m.onnx.json"):
+    with pytest.raises(FileNotFoundError, match=re.escape("m.onnx.json")):
         load_exported(model)
     sidecar_path(model).write_text("{not json")
     with pytest.raises(ValueError, match="not an export's metadata JSON"):
@@ -223,7 +252,17 @@ def test_load_exported_needs_its_json(tmp_path):
 def test_infer_seg_gives_the_same_masks_from_the_export(segmenter_checkpoint, tmp_path):
     checkpoint, images = segmenter_checkpoint
     exported = tmp_path / "deeplab.pt2"
-    args = [str(checkpoint), "--format", "export", "--dynamic-size", "--image-size", "64", "64", "--output", str(exported)]
+    args = [
+        str(checkpoint),
+        "--format",
+        "export",
+        "--dynamic-size",
+        "--image-size",
+        "64",
+        "64",
+        "--output",
+        str(exported),
+    ]
     assert export_model.main(args) == 0
     infer_seg.main([str(checkpoint), str(images), "--output", str(tmp_path / "eager"), "--save-masks", "--no-fuse"])
     infer_seg.main([str(exported), str(images), "--output", str(tmp_path / "exported"), "--save-masks"])
@@ -241,12 +280,14 @@ def test_detection_checkpoint_to_an_export_that_infer_det_runs(tmp_path, fmt):
     )  # fmt: skip
     options = {"min_size": 128, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
                "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}  # fmt: skip
-    checkpoint = fit_one_step(DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup_steps=0), data, tmp_path)
+    checkpoint = fit_one_step(
+        DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup_steps=0), data, tmp_path
+    )
     exported = tmp_path / f"detector{SUFFIX[fmt]}"
     args = [str(checkpoint), "--format", fmt, "--image-size", "128", "128", "--output", str(exported)]
     assert export_model.main(args) == 0  # the tool's own parity check passed
     metadata = json.loads(sidecar_path(exported).read_text())
-    assert [c["name"] for c in metadata["categories"]][0] == "__background__"
+    assert metadata["categories"][0]["name"] == "__background__"
     assert metadata["categories"][1]["id"] == 1 and metadata["outputs"][-1]["shape"] == [1, 10, 1, 28, 28]
     images = data.root / "val"
     assert infer_det.main([str(checkpoint), str(images), "--output", str(tmp_path / "eager"), "--no-fuse"]) == 0
@@ -254,6 +295,6 @@ def test_detection_checkpoint_to_an_export_that_infer_det_runs(tmp_path, fmt):
     eager = json.loads((tmp_path / "eager" / "results.json").read_text())
     ours = json.loads((tmp_path / "exported" / "results.json").read_text())
     assert len(eager) == len(ours) == 20
-    for a, b in zip(eager, ours):
+    for a, b in zip(eager, ours, strict=True):
         assert a["category_id"] == b["category_id"] and a["segmentation"] == b["segmentation"]
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2) and a["score"] == pytest.approx(b["score"], abs=1e-4)

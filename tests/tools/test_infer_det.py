@@ -18,8 +18,13 @@ from detection.data import ShapesDataModule
 from detection.task import DetectionTask
 from tests.tools.loader import fit_one_step, load_tool, run_tool
 
-TINY = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
-        "box_score_thresh": 0.0}  # a barely trained model: keep its low-scored detections
+TINY = {
+    "min_size": 64,
+    "max_size": 64,
+    "anchor_sizes": [8, 16, 32, 64, 128],
+    "box_detections_per_img": 10,
+    "box_score_thresh": 0.0,
+}  # a barely trained model: keep its low-scored detections
 
 infer_det = load_tool("infer_det")
 

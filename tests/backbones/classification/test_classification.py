@@ -25,7 +25,6 @@ from backbones.classification import (
     generate_shapes_classification,
 )
 from backbones.weights_table import WEIGHTS
-
 from tests.tools.loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -47,8 +46,13 @@ def _tiny_data(root: Path, **kwargs) -> ImageFolderDataModule:
 
 def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
     options = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     return L.Trainer(**{**options, **kwargs})
 
@@ -126,7 +130,7 @@ def test_image_folder_classes_and_shapes(tiny_root):
 def test_the_task_normalizes_as_the_data_transforms_did(tiny_root):
     # One place for normalization in all three tasks: the data gives [0, 1], the task normalizes.
     images, _ = next(iter(_tiny_data(tiny_root).train_dataloader()))
-    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
     mean, std = WEIGHTS["resnet50.tv_in1k"].mean, WEIGHTS["resnet50.tv_in1k"].std
     task = ClassificationTask(model="resnet18", num_classes=6, mean=mean, std=std)
     before = torch.stack([v2.Normalize(list(mean), list(std))(image) for image in images])  # the old transform
@@ -248,7 +252,9 @@ def test_ema_is_updated_used_for_validation_and_checkpointed(tiny_root, tmp_path
             (F.cross_entropy(task.ema.module(task.normalize(x)), y, reduction="sum"), len(y))
             for x, y in data.val_dataloader()
         ]
-    assert metrics["val_loss"] == pytest.approx(sum(l.item() for l, _ in losses) / sum(n for _, n in losses), rel=1e-4)
+    assert metrics["val_loss"] == pytest.approx(
+        sum(loss.item() for loss, _ in losses) / sum(n for _, n in losses), rel=1e-4
+    )
     assert task.eval_model is task.ema.module
 
     trainer.save_checkpoint(tmp_path / "ema.ckpt")
@@ -261,7 +267,9 @@ def test_ema_is_updated_used_for_validation_and_checkpointed(tiny_root, tmp_path
 
 def test_num_classes_smaller_than_the_data_is_an_error(tiny_root, tmp_path):
     task = ClassificationTask(model="resnet18", num_classes=3)
-    with pytest.raises(ValueError, match="num_classes=3, but the data module has 6 classes; the model needs at least 6"):
+    with pytest.raises(
+        ValueError, match="num_classes=3, but the data module has 6 classes; the model needs at least 6"
+    ):
         _trainer(tmp_path, fast_dev_run=1).fit(task, datamodule=_tiny_data(tiny_root))
 
 

@@ -154,7 +154,7 @@ def test_semantic_masks_equal_the_pycocotools_reader(tmp_path, category_ids):
 
 
 def test_second_load_maps_the_cache_without_parsing(tmp_path, monkeypatch):
-    images, path = write_coco(tmp_path)
+    _images, path = write_coco(tmp_path)
     first = load_coco_annotations(path)
     assert isinstance(first.bboxes, np.memmap) and isinstance(first.polygon_coords, np.memmap)
     monkeypatch.setattr(coco_store, "_OPEN", {})  # as a new process
@@ -168,7 +168,7 @@ def test_second_load_maps_the_cache_without_parsing(tmp_path, monkeypatch):
 
 
 def test_changed_file_gets_a_new_store(tmp_path):
-    images, path = write_coco(tmp_path)
+    _images, path = write_coco(tmp_path)
     before = load_coco_annotations(path)
     content = json.loads(path.read_text())
     content["categories"].append({"id": 9, "name": "star"})
@@ -190,7 +190,7 @@ def test_pickled_store_maps_the_files_again(tmp_path):
 
 
 def test_unwritable_cache_keeps_the_store_in_memory(tmp_path, monkeypatch, caplog):
-    images, path = write_coco(tmp_path)
+    _images, path = write_coco(tmp_path)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     monkeypatch.setenv("RESBONE_CACHE", str(blocker))
@@ -215,7 +215,7 @@ def test_bbox_of_three_numbers_is_named(tmp_path):
 
 
 def test_malformed_segmentation_is_named(tmp_path):
-    images, path = write_coco(tmp_path)
+    _images, path = write_coco(tmp_path)
     _edit(path, lambda c: c["annotations"][0].update(segmentation=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))  # no outer list
     with pytest.raises(AnnotationFileError, match=r"annotation id 100 has a segmentation that is neither"):
         load_coco_annotations(path)

@@ -60,9 +60,16 @@ def write_coco(tmp_path, orientation: int):
     dataset = {
         "images": [{"id": 1, "file_name": "a.jpg", "height": HEIGHT, "width": WIDTH}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": list(BOX), "area": w * h, "iscrowd": 0,
-             "segmentation": [polygon]}
-        ],  # fmt: skip
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": list(BOX),
+                "area": w * h,
+                "iscrowd": 0,
+                "segmentation": [polygon],
+            }
+        ],
         "categories": [{"id": 1, "name": "box"}],
     }
     annotations = tmp_path / "instances.json"

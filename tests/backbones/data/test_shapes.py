@@ -50,7 +50,7 @@ def test_shapes_annotations_are_consistent(tiny_shapes):
         x, y, w, h = annotation["bbox"]
         polygon = np.array(annotation["segmentation"][0]).reshape(-1, 2)
         assert w > 0 and h > 0 and annotation["area"] > 0 and annotation["iscrowd"] == 0
-        assert 0 <= x and x + w <= 64 and 0 <= y and y + h <= 64
+        assert x >= 0 and x + w <= 64 and y >= 0 and y + h <= 64
         np.testing.assert_allclose(polygon.min(0), [x, y])
         np.testing.assert_allclose(polygon.max(0), [x + w, y + h])
 

@@ -14,8 +14,13 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from backbones import create_backbone
-from backbones.training.distributed import EvalDistributedSampler, FrozenAwareSyncBatchNorm, eval_sampler, prepare_sync_batchnorm
 from backbones.training import batch_scaled_lr, global_batch_size
+from backbones.training.distributed import (
+    EvalDistributedSampler,
+    FrozenAwareSyncBatchNorm,
+    eval_sampler,
+    prepare_sync_batchnorm,
+)
 
 
 def _resnet18(**kwargs) -> nn.Module:
@@ -44,7 +49,7 @@ def test_eval_sampler_gives_every_index_exactly_once(size, world_size):
 
 
 def test_eval_sampler_needs_an_item_per_process():
-    with pytest.raises(ValueError, match="has 3 items for 4 processes.*at most 3 devices"):
+    with pytest.raises(ValueError, match=r"has 3 items for 4 processes.*at most 3 devices"):
         EvalDistributedSampler(range(3), num_replicas=4, rank=0)
 
 

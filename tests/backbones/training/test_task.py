@@ -15,7 +15,6 @@ from backbones.training import TrainingTask, check_num_classes
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
 from segmentation.task import SegmentationTask
-
 from tests.tools.loader import load_tool
 
 TINY_DETECTOR = {"min_size": 64, "max_size": 64, "fpn_channels": 32, "box_head_dim": 64, "norm": "bn"}
@@ -166,8 +165,9 @@ def cls_shapes(tmp_path_factory):
 
 def _cls_args(root, tmp_path) -> list[str]:
     return [
-        f"--config={ROOT / 'configs/classification/resnet18_shapes.yaml'}", f"--data.root={root}", "--data.train_per_class=2",
-        "--data.val_per_class=1", "--data.image_size=32", "--data.seed=1", "--data.num_workers=0",
+        f"--config={ROOT / 'configs/classification/resnet18_shapes.yaml'}", f"--data.root={root}",
+        "--data.train_per_class=2", "--data.val_per_class=1", "--data.image_size=32", "--data.seed=1",
+        "--data.num_workers=0",
         "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
     ]  # fmt: skip
 

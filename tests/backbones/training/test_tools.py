@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -91,5 +92,7 @@ def test_output_paths_mirror_subfolders_and_never_overwrite_an_input(tmp_path):
         tmp_path / "out" / "a_overlay.png", tmp_path / "out" / "sub" / "b_overlay.png",
     ]  # fmt: skip
     assert output_paths(images[:1], images[0], tmp_path / "out", ".jpg") == [tmp_path / "out" / "a.jpg"]
-    with pytest.raises(ValueError, match="a.jpg: writing it would overwrite the input image; choose another --output"):
+    with pytest.raises(
+        ValueError, match=re.escape("a.jpg: writing it would overwrite the input image; choose another --output")
+    ):
         output_paths(images, tmp_path, tmp_path, ".jpg")
