@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from segmentation.benchmark_data import ADE20KDataModule, CityscapesDataModule, VOCDataModule
+from segmentation.task import SegmentationTask
 from tests.segmentation.layouts import make_ade20k, make_cityscapes, make_voc
 from tests.tools.loader import load_tool
 
@@ -97,3 +98,15 @@ def test_recipe_trains_a_step_and_validates_on_its_layout(config, roots, tmp_pat
     metrics = cli.trainer.callback_metrics
     assert {"train_loss", "val_loss", "val_mIoU", "val_pixel_acc"} <= set(metrics)
     assert torch.isfinite(metrics["train_loss"]) and cli.trainer.global_step == 1
+
+
+def test_poly_decays_to_min_lr_as_mmsegmentation():
+    task = SegmentationTask(model="deeplabv3_r18", num_classes=3, lr=0.01, min_lr=1e-4)
+    schedule = task.lr_schedule(total_steps=80_000, steps_per_epoch=1)
+    for step in (0, 20_000, 40_000, 79_999, 80_000):
+        expected = (0.01 - 1e-4) * (1 - step / 80_000) ** 0.9 + 1e-4  # mmengine's PolyLR with eta_min
+        assert 0.01 * schedule(step) == pytest.approx(expected, rel=1e-9)
+    # a rate scaled by the batch ends at min_lr too
+    assert 0.02 * task.lr_schedule(total_steps=10, steps_per_epoch=1, lr=0.02)(10) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match=r"min_lr=0\.1; give a rate from 0 to lr=0\.01"):
+        SegmentationTask(model="deeplabv3_r18", num_classes=3, lr=0.01, min_lr=0.1)
