@@ -48,6 +48,11 @@ def test_label_table_is_cityscapes_scripts_table():
     assert CITYSCAPES_CLASSES[:3] == ("road", "sidewalk", "building") and CITYSCAPES_CLASSES[-1] == "bicycle"
     assert len(CITYSCAPES_CLASSES) == 19 and CITYSCAPES_PALETTE[13] == (0, 0, 142)  # car
     assert class_palette(CITYSCAPES_CLASSES).tolist() == [list(c) for c in CITYSCAPES_PALETTE]
+    # overlays colour a class by the dataset's own palette: road in (128, 64, 128)
+    overlay = load_tool("infer_seg").overlay(
+        np.zeros((1, 2, 3), np.uint8), np.array([[0, 13]]), CITYSCAPES_CLASSES, 1.0
+    )
+    assert overlay.tolist() == [[[128, 64, 128], [0, 0, 142]]]
 
 
 def test_label_ids_become_train_ids_pixel_by_pixel(cityscapes):

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from segmentation.benchmark_data import VOCDataModule
 from segmentation.benchmark_datasets import VOCSegmentation
 from segmentation.datasets import LabelFileError
 from segmentation.label_tables import VOC_CLASSES, VOC_PALETTE, class_palette
@@ -43,6 +44,8 @@ def test_split_lists_choose_the_images_in_their_order(voc):
     expected += [(i, "SegmentationClassAug") for i in VOC_SPLITS["aug"]]
     assert names(VOCSegmentation(root, "train_aug")) == expected
     assert names(VOCSegmentation(root, ["train", "aug"])) == expected
+    datamodule = VOCDataModule(root=str(root), train_split=["train", "aug"], batch_size=2, num_workers=0)
+    assert names(datamodule.dataset("train")) == expected and datamodule.class_names == list(VOC_CLASSES)
 
 
 def test_palette_labels_are_indices_with_255_borders_pixel_by_pixel(voc):
