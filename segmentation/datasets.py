@@ -9,7 +9,7 @@ The Lightning data modules that serve them are in ``segmentation.data``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ __all__ = [
     "CocoSegmentation",
     "FolderSegmentation",
     "LabelFileError",
+    "LabelMap",
+    "PairedSegmentation",
     "category_class_names",
     "check_category_ids",
     "collate",
@@ -80,15 +82,40 @@ def _palette_indices(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(picture)
 
 
-def check_labels(mask: np.ndarray, num_classes: int, path: str | os.PathLike) -> None:
-    """Raises if ``mask`` holds a value that is neither a class (0..num_classes-1) nor ``IGNORE_INDEX``."""
-    values = np.unique(mask)
-    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
-    if bad.size:
-        raise LabelFileError(
-            f"{path}: label values {bad.tolist()} are outside the classes 0..{num_classes - 1} and are not "
-            f"the ignore index {IGNORE_INDEX}"
-        )
+class LabelMap:
+    """What the values of a label file mean: a lookup table value -> class; any other value is an error.
+
+    Args:
+        table: label value (0..255) -> class index (0..num_classes-1) or ``IGNORE_INDEX``.
+        allowed: the values allowed, in words, for errors ("the label ids 0..33 of cityscapesScripts' table").
+
+    Example:
+        >>> reduce_zero_label = LabelMap({0: 255, **{k: k - 1 for k in range(1, 151)}}, "0..150")
+        >>> reduce_zero_label(np.array([[0, 1, 150]], np.uint8), "a.png").tolist()
+        [[255, 0, 149]]
+    """
+
+    def __init__(self, table: Mapping[int, int], allowed: str):
+        self.lookup = np.full(256, -1, np.int16)  # -1: not a value of this label space
+        for value, label in table.items():
+            if not (0 <= value <= 255 and (0 <= label < IGNORE_INDEX or label == IGNORE_INDEX)):
+                raise ValueError(f"label map entry {value} -> {label}; values are 0..255, classes 0..254 or 255")
+            self.lookup[value] = label
+        self.allowed = allowed
+
+    @classmethod
+    def classes(cls, num_classes: int) -> LabelMap:
+        """Values that are already classes: 0..num_classes-1 and ``IGNORE_INDEX``."""
+        table = {k: k for k in range(num_classes)} | {IGNORE_INDEX: IGNORE_INDEX}
+        return cls(table, f"the classes 0..{num_classes - 1} and are not the ignore index {IGNORE_INDEX}")
+
+    def __call__(self, mask: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+        """The (H, W) uint8 classes of a label image read from `path`; raises naming `path` and the bad values."""
+        classes = self.lookup[mask]
+        if (classes < 0).any():
+            bad = np.unique(mask[classes < 0])
+            raise LabelFileError(f"{path}: label values {bad.tolist()} are outside {self.allowed}")
+        return classes.astype(np.uint8)
 
 
 def _sample(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
@@ -98,7 +125,60 @@ def _sample(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_t
     )
 
 
-class FolderSegmentation(Dataset):
+class PairedSegmentation(Dataset):
+    """Image files paired with label PNGs; each label is read through its `LabelMap` and checked.
+
+    The base of the folder reader and of the benchmark readers (`segmentation.benchmark_datasets`),
+    which find the pairs in their layouts.
+
+    Args:
+        pairs: (image, label) paths.
+        label_maps: how each pair's label values become classes: one map for all, or one per pair.
+        transforms: called as ``image, mask = transforms(image, mask)``.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        label_maps: LabelMap | Sequence[LabelMap],
+        *,
+        transforms: Callable | None = None,
+    ):
+        self.pairs = [(Path(image), Path(mask)) for image, mask in pairs]
+        self.label_maps = [label_maps] * len(self.pairs) if isinstance(label_maps, LabelMap) else list(label_maps)
+        if len(self.label_maps) != len(self.pairs):
+            raise ValueError(f"{len(self.label_maps)} label maps for {len(self.pairs)} image/label pairs")
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read_mask(self, index: int) -> np.ndarray:
+        """The (H, W) uint8 classes of pair `index` (``IGNORE_INDEX`` where no label counts)."""
+        path = self.pairs[index][1]
+        return self.label_maps[index](read_label_mask(path), path)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image_path, mask_path = self.pairs[index]
+        image, mask = read_rgb_image(image_path), self.read_mask(index)
+        if mask.shape != image.shape[:2]:
+            raise LabelFileError(
+                f"{mask_path}: size {mask.shape[0]}x{mask.shape[1]} (HxW) differs from its image {image_path}, "
+                f"{image.shape[0]}x{image.shape[1]}"
+            )
+        image, mask = _sample(image, mask)
+        return self.transforms(image, mask) if self.transforms is not None else (image, mask)
+
+
+def check_pairs(pairs: Sequence[tuple[Path, Path]], what: str = "images have no mask") -> None:
+    """Raises `FileNotFoundError` naming the pairs whose label file is missing (up to five of them)."""
+    missing = [(image, mask) for image, mask in pairs if not mask.is_file()]
+    if missing:
+        examples = "; ".join(f"{image} -> {mask}" for image, mask in missing[:MAX_NAMES_IN_ERROR])
+        raise FileNotFoundError(f"{len(missing)} of {len(pairs)} {what}, e.g. {examples}")
+
+
+class FolderSegmentation(PairedSegmentation):
     """Images and label PNGs in two folders (VOC / Cityscapes layout), matched by file name.
 
     The mask of ``images/<dir>/<stem><image_suffix>.<ext>`` is
@@ -128,55 +208,40 @@ class FolderSegmentation(Dataset):
     ):
         self.images, self.masks = Path(images), Path(masks)
         self.num_classes = num_classes
-        self.transforms = transforms
         for folder, what in ((self.images, "image"), (self.masks, "mask")):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{what} folder {folder} does not exist")
         image_files = sorted(p for p in self.images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not image_files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.images}")
-        self.pairs = [(p, self._mask_path(p, image_suffix, mask_suffix)) for p in image_files]
-        missing = [(image, mask) for image, mask in self.pairs if not mask.is_file()]
-        if missing:
-            examples = "; ".join(f"{image} -> {mask}" for image, mask in missing[:MAX_NAMES_IN_ERROR])
-            raise FileNotFoundError(f"{len(missing)} of {len(self.pairs)} images have no mask, e.g. {examples}")
+        pairs = [(p, self._mask_path(p, image_suffix, mask_suffix)) for p in image_files]
+        check_pairs(pairs)
+        super().__init__(pairs, LabelMap.classes(num_classes), transforms=transforms)
 
     def _mask_path(self, image: Path, image_suffix: str, mask_suffix: str) -> Path:
         stem = image.stem.removesuffix(image_suffix) if image_suffix else image.stem
         return self.masks / image.parent.relative_to(self.images) / f"{stem}{mask_suffix}.png"
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image_path, mask_path = self.pairs[index]
-        image, mask = read_rgb_image(image_path), read_label_mask(mask_path)
-        if mask.shape != image.shape[:2]:
-            raise LabelFileError(
-                f"{mask_path}: size {mask.shape[0]}x{mask.shape[1]} (HxW) differs from its image {image_path}, "
-                f"{image.shape[0]}x{image.shape[1]}"
-            )
-        check_labels(mask, self.num_classes, mask_path)
-        image, mask = _sample(image, mask)
-        return self.transforms(image, mask) if self.transforms is not None else (image, mask)
-
 
 class CocoSegmentation(Dataset):
-    """Semantic masks made from COCO instance annotations.
+    """Semantic masks made from COCO instance annotations, as torchvision's segmentation reference makes them.
 
     Class k (1..K) is the k-th of ``category_ids`` (all categories in id order when None); 0 is
-    the background, which includes the objects of categories left out. Where instances of
-    *different* classes overlap the pixel is ignored (255), as in torchvision's references: its
-    true class is unknown. Crowd regions of the chosen categories are ignored too. The annotations
-    are read through the shared, memory-mapped store of `backbones.data.coco` (built once per
-    file), which also makes the checks and errors those of the detection reader.
+    the background, which includes the objects of categories left out. Every instance of a chosen
+    category, crowd regions included, paints its class; a pixel covered by two or more of them is
+    ignored (255), whatever their classes. This is the definition of torchvision's
+    ``references/segmentation/coco_utils.py`` (``ConvertCocoPolysToMask``: the classes' maximum, 255
+    where the instance masks sum to more than 1), under which torchvision's COCO-trained DeepLabV3
+    weights were trained and measured, so validating them here reproduces that protocol. The
+    annotations are read through the shared, memory-mapped store of `backbones.data.coco` (built once
+    per file), which also makes the checks and errors those of the detection reader.
 
     Args:
         images: folder that ``file_name`` entries are relative to.
         annotations: COCO instances JSON.
         category_ids: the categories to segment, in class order, e.g. ``VOC_CATEGORY_IDS``.
         transforms: called as ``image, mask = transforms(image, mask)``.
-        skip_empty: leave out images without any (non-crowd) instance of the chosen categories.
+        skip_empty: leave out images without any instance (crowd included) of the chosen categories.
         store: the file's already opened store (default: `load_coco_annotations(annotations)`).
     """
 
@@ -204,8 +269,7 @@ class CocoSegmentation(Dataset):
         self.store.check_segmentations(self._labels > 0)
         self.indices = np.arange(self.store.num_images)
         if skip_empty:
-            chosen = (self._labels > 0) & ~self.store.iscrowd
-            self.indices = np.unique(self.store.annotation_image_index()[chosen])
+            self.indices = np.unique(self.store.annotation_image_index()[self._labels > 0])
         check_images_exist(self.store, self.images)
 
     @property
@@ -232,19 +296,15 @@ class CocoSegmentation(Dataset):
         height, width = int(store.heights[index]), int(store.widths[index])
         start, stop = store.annotation_range(index)
         chosen = np.flatnonzero(self._labels[start:stop] > 0) + start
-        crowd = store.iscrowd[chosen]
         mask = np.zeros((height, width), np.uint8)
-        coverage = np.zeros(mask.shape, np.uint8)  # 1: one class so far, 2: classes clash
-        for annotation in chosen[~crowd].tolist():
+        overlap = np.zeros(mask.shape, bool)
+        covered = np.zeros(mask.shape, bool)
+        for annotation in chosen.tolist():
             instance = store.mask(annotation, height, width).astype(bool)
-            label = self._labels[annotation]
-            clash = instance & (coverage > 0) & (mask != label)
-            coverage[instance & (coverage == 0)] = 1
-            coverage[clash] = 2
-            mask[instance & (coverage == 1)] = label
-        mask[coverage == 2] = IGNORE_INDEX
-        for annotation in chosen[crowd].tolist():
-            mask[store.mask(annotation, height, width).astype(bool)] = IGNORE_INDEX
+            overlap |= instance & covered
+            covered |= instance
+            mask[instance] = self._labels[annotation]
+        mask[overlap] = IGNORE_INDEX  # two or more instances: which one is seen is unknown
         return mask
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:

@@ -11,6 +11,13 @@ one size. The model runs on the inference fast path by default: batch norms fold
 channels-last memory and `torch.inference_mode()`; `--no-fuse` runs it as trained, `--compile`
 compiles the backbone. `--precision bf16|fp16` autocasts the network; the logits are upsampled in fp32.
 
+`--format cityscapes` (a model of Cityscapes' 19 train-id classes) writes only `<stem>.png` of
+Cityscapes label ids instead, the files cityscapesScripts' evaluation reads (one per
+`{city}_{seq}_{frame}`, at the image's size):
+
+    python tools/infer_seg.py last.ckpt data/cityscapes/leftImg8bit/val --recursive --format cityscapes \\
+        --output results/
+
 Files are written to a temporary name and renamed, so an interrupted run never leaves a half-written
 picture (a bad image stops the run after the pictures of the images before it). Bad input (a missing,
 corrupt, truncated or foreign checkpoint, one that would run code, an unreadable image) prints one
@@ -35,6 +42,9 @@ from backbones.export import EXPORTED_SUFFIXES, load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.weights import load_task_checkpoint
+from segmentation.benchmark_datasets import train_ids_to_label_ids
+from segmentation.label_tables import CITYSCAPES_CLASSES, class_palette
+from segmentation.label_tables import voc_palette as palette  # noqa: F401 (the tool's colour map, kept by name)
 from segmentation.task import SegmentationTask
 
 BACKGROUND_NAMES = ("__background__", "background")
@@ -63,23 +73,9 @@ def load_model(
     return Segmenter(task.to(device).eval(), list(names))
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """Pascal VOC's colour map: (num_classes, 3) uint8 RGB, distinct colours from the bits of the index."""
-    colours = np.zeros((num_classes, 3), np.uint8)
-    for index in range(num_classes):
-        value, r, g, b = index, 0, 0, 0
-        for shift in range(7, -1, -1):
-            r |= (value & 1) << shift
-            g |= ((value >> 1) & 1) << shift
-            b |= ((value >> 2) & 1) << shift
-            value >>= 3
-        colours[index] = (r, g, b)
-    return colours
-
-
 def overlay(image: np.ndarray, labels: np.ndarray, class_names: list[str], alpha: float = 0.5) -> np.ndarray:
     """Blends the class colours into an RGB image (H, W, 3); background classes stay uncoloured."""
-    colours = palette(len(class_names))
+    colours = class_palette(class_names)  # a benchmark's own colours for its classes
     coloured = np.array([name not in BACKGROUND_NAMES for name in class_names])
     blend = coloured[labels][..., None]
     mixed = (1 - alpha) * image.astype(np.float32) + alpha * colours[labels].astype(np.float32)
@@ -110,6 +106,9 @@ def segment_batch(
     indices, images = zip(*batch, strict=True)
     labels = predict(segmenter.model, list(images), args.device, args.precision, args.size).argmax(1)
     for index, image, classes in zip(indices, images, labels.to(torch.uint8).cpu().numpy(), strict=True):
+        if args.format == "cityscapes":
+            write_image(masks[index], train_ids_to_label_ids(classes))
+            continue
         write_image(overlays[index], overlay(image, classes, segmenter.class_names, args.alpha))
         if args.save_masks:
             write_image(masks[index], classes)
@@ -126,7 +125,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight in the overlay, 0..1")
     parser.add_argument("--size", type=int, default=None, help="run with the shorter side at this size")
     parser.add_argument("--save-masks", action="store_true", help="also write the class indices as PNG")
+    parser.add_argument(
+        "--format", choices=("overlay", "cityscapes"), default="overlay",
+        help="overlay: colour overlays (and --save-masks); cityscapes: only <stem>.png of Cityscapes label ids",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.format == "cityscapes" and args.save_masks:
+        parser.error("--save-masks writes train ids beside the label ids: the evaluation would find two files a frame")
     if not 0 <= args.alpha <= 1:
         parser.error(f"--alpha={args.alpha}; choose a value in 0..1")
     if args.size is not None and args.size < 1:
@@ -139,13 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     images = list_images(args.source, recursive=args.recursive, exclude=args.output)
     overlays = output_paths(images, args.source, args.output, "_overlay.png")
-    masks = output_paths(images, args.source, args.output, "_mask.png")
+    masks = output_paths(images, args.source, args.output, ".png" if args.format == "cityscapes" else "_mask.png")
     segmenter = load_model(args.checkpoint, args.device, fuse=not args.no_fuse, compile_backbone=args.compile)
+    if args.format == "cityscapes" and segmenter.class_names != list(CITYSCAPES_CLASSES):
+        raise ValueError(
+            f"--format cityscapes needs a model of Cityscapes' 19 train-id classes ({', '.join(CITYSCAPES_CLASSES)}); "
+            f"{args.checkpoint} has {segmenter.class_names}"
+        )
     rate = for_each_batch(
         images, read_rgb_image, args.batch_size, lambda batch: segment_batch(segmenter, batch, overlays, masks, args),
         key=lambda image: image.shape, description="infer_seg",  # a batch is one tensor: its images have one size
     )  # fmt: skip
-    written = "overlays and masks" if args.save_masks else "overlays"
+    written = {"cityscapes": "Cityscapes label-id PNGs", "overlay": "overlays"}[args.format]
+    written += " and masks" if args.save_masks else ""
     print(f"wrote {len(images)} {written} to {args.output} ({rate:.2f} images/s)")
     return 0
 

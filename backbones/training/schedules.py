@@ -20,6 +20,8 @@ class LRSchedule:
         schedule: "step" (multiply by `gamma` at each milestone), "cosine", "poly" or "constant".
         milestones: step indices of the decays for "step".
         warmup_steps: steps of linear warmup from `warmup_factor` to 1.
+        final_factor: the factor cosine and poly decay to, e.g. 0.01 for a rate of 0.01 ending at 1e-4
+            (MMSegmentation's ``eta_min``: ``final + (1 - final) * (1 - t)^power``).
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class LRSchedule:
         warmup_steps: int = 0,
         warmup_factor: float = 0.001,
         power: float = 0.9,
+        final_factor: float = 0.0,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -42,6 +45,9 @@ class LRSchedule:
         self.warmup_steps = int(warmup_steps)
         self.warmup_factor = warmup_factor
         self.power = power
+        if not 0 <= final_factor <= 1:
+            raise ValueError(f"final_factor={final_factor}; the rate decays to a fraction in 0..1 of itself")
+        self.final_factor = final_factor
 
     def __call__(self, step: int) -> float:
         factor = self._decay(step)
@@ -55,7 +61,9 @@ class LRSchedule:
         if self.schedule == "step":
             return self.gamma ** sum(step >= m for m in self.milestones)
         if self.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if self.schedule == "poly":
-            return (1 - progress) ** self.power
-        return 1.0
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        elif self.schedule == "poly":
+            decay = (1 - progress) ** self.power
+        else:
+            return 1.0
+        return self.final_factor + (1 - self.final_factor) * decay

@@ -97,6 +97,7 @@ class TrainingTask(L.LightningModule):
         schedule: after warmup, "step" (times `gamma` at each of `milestones`), "cosine", "poly"
             ((1 - t)^power) or "constant".
         milestones, milestones_unit: when "step" decays, in epochs or optimizer steps.
+        min_lr: the rate "cosine" and "poly" decay to at the last step (0 by default; DeepLab's recipes: 1e-4).
         warmup, warmup_unit: linear warmup from `warmup_factor * lr` over this many steps or epochs.
         mean, std: input normalization of the [0, 1] images: the statistics of the weights the model starts
             from (`backbones.WEIGHTS[tag].mean`), ImageNet's by default.
@@ -123,6 +124,7 @@ class TrainingTask(L.LightningModule):
         milestones_unit: Literal["epoch", "step"] = "epoch",
         gamma: float = 0.1,
         power: float = 0.9,
+        min_lr: float = 0.0,
         warmup: float = 0,
         warmup_unit: Literal["step", "epoch"] = "step",
         warmup_factor: float = 0.001,
@@ -140,6 +142,8 @@ class TrainingTask(L.LightningModule):
         for name, unit in (("milestones_unit", milestones_unit), ("warmup_unit", warmup_unit)):
             if unit not in UNITS:
                 raise ValueError(f"{name}={unit!r}; choose 'step' or 'epoch'")
+        if not 0 <= min_lr <= lr:
+            raise ValueError(f"min_lr={min_lr}; give a rate from 0 to lr={lr}")
         if warmup < 0:
             raise ValueError(f"warmup={warmup}; give a number of steps or epochs >= 0")
         self.save_hyperparameters()  # also the subclass's arguments (Lightning collects every __init__ frame)
@@ -254,9 +258,11 @@ class TrainingTask(L.LightningModule):
         """The module whose parameters the optimizer trains."""
         return self.model
 
-    def lr_schedule(self, *, total_steps: int, steps_per_epoch: int) -> LRSchedule:
-        """The per-step factor of the learning rate, with warmup and milestones turned into steps."""
+    def lr_schedule(self, *, total_steps: int, steps_per_epoch: int, lr: float | None = None) -> LRSchedule:
+        """The per-step factor of the learning rate `lr` (default: `hparams.lr`), with warmup and milestones
+        turned into steps and `min_lr` into the factor the decay ends at."""
         hp = self.hparams
+        lr = hp.lr if lr is None else lr
         milestone_scale = steps_per_epoch if hp.milestones_unit == "epoch" else 1
         warmup_scale = steps_per_epoch if hp.warmup_unit == "epoch" else 1
         return LRSchedule(
@@ -267,6 +273,7 @@ class TrainingTask(L.LightningModule):
             power=hp.power,
             warmup_steps=round(hp.warmup * warmup_scale),
             warmup_factor=hp.warmup_factor,
+            final_factor=min(hp.min_lr / lr, 1.0) if lr > 0 else 0.0,
         )
 
     def configure_optimizers(self) -> dict:
@@ -276,7 +283,7 @@ class TrainingTask(L.LightningModule):
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum)
         total = int(self.trainer.estimated_stepping_batches)  # also loads the training data
         per_epoch = steps_per_epoch(self.trainer) if "epoch" in (hp.milestones_unit, hp.warmup_unit) else 1
-        schedule = self.lr_schedule(total_steps=total, steps_per_epoch=per_epoch)
+        schedule = self.lr_schedule(total_steps=total, steps_per_epoch=per_epoch, lr=lr)
         rank_zero_info(
             f"{hp.schedule} schedule over {total} steps, warmup {schedule.warmup_steps} steps"
             + (f", milestones at steps {schedule.milestones}" if hp.schedule == "step" else "")
