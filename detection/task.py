@@ -37,6 +37,9 @@ class DetectionTask(TrainingTask):
             `detection.weights_table`; "category_id" for the `*.tv_coco` tags unless `fresh_heads`),
             else "contiguous". Saved with the checkpoint.
         eval_backend: "auto", "pycocotools" or "faster_coco_eval".
+        report_dir: after each COCO evaluation (validate, test, each validation epoch of fit), process 0
+            writes the evaluation report there (`detection.report`: report.html, its figures and
+            metrics.json), the worst images drawn from the data module's images. None: no report.
         label_to_category_id: the COCO category id of each model label, filled from the data module
             and the label space and saved with the checkpoint, so inference writes the right ids
             (`class_names`, index 0 "__background__", names the labels).
@@ -59,6 +62,7 @@ class DetectionTask(TrainingTask):
         label_space: Literal["contiguous", "category_id"] | None = None,
         eval_backend: str = "auto",
         label_to_category_id: dict[int, int] | None = None,
+        report_dir: str | None = None,
         lr: float = 0.02,
         schedule: Literal["step", "cosine", "poly", "constant"] = "step",
         milestones: Sequence[int] = (8, 11),
@@ -176,6 +180,27 @@ class DetectionTask(TrainingTask):
             iou_types=("bbox", "segm") if self.is_mask_model else ("bbox",),
             label_to_category_id=self.hparams.label_to_category_id,  # the model's labels, in its label space
             backend=self.hparams.eval_backend,
+        )
+
+    def report_evaluation(self, stage: str, metrics: Any) -> None:
+        """Writes the evaluation report to `report_dir` (process 0, not during the sanity check)."""
+        if self.hparams.report_dir is None or self.global_rank != 0 or self.trainer.sanity_checking:
+            return
+        evaluator = self.evaluator(stage)
+        if not evaluator.last_results:
+            rank_zero_warn(f"no detections in the {stage} evaluation: no report written to {self.hparams.report_dir}")
+            return
+        from .report import write_detection_report  # matplotlib only when a report is asked for
+
+        split_paths = getattr(getattr(self.trainer, "datamodule", None), "split_paths", {})
+        write_detection_report(
+            evaluator.coco_gt,
+            evaluator.last_results,
+            self.hparams.report_dir,
+            iou_types=evaluator.iou_types,
+            images_dir=split_paths.get(stage, (None,))[0],
+            image_ids=evaluator.last_image_ids,
+            sources={"stage": stage, "epoch": self.current_epoch, "annotations": self.evaluator_key(stage)},
         )
 
     def evaluation_step(self, batch: tuple[list, list], stage: str) -> None:
