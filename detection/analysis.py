@@ -29,6 +29,7 @@ __all__ = [
     "CategoryMatches",
     "ImageMatches",
     "accumulate",
+    "cached_image_matches",
     "category_matches",
     "confusion_matrix",
     "greedy_match",
@@ -209,6 +210,13 @@ def image_matches(coco_eval) -> list[ImageMatches]:
             )
         )
     return images
+
+
+def cached_image_matches(coco_eval) -> list[ImageMatches]:
+    """:func:`image_matches` of ``coco_eval``, computed once per COCOeval object (kept on it)."""
+    if getattr(coco_eval, "_resbone_image_matches", None) is None:
+        coco_eval._resbone_image_matches = image_matches(coco_eval)
+    return coco_eval._resbone_image_matches
 
 
 def greedy_match(
