@@ -20,12 +20,19 @@ import numpy as np
 from backbones.data.files import json_safe, write_json
 from backbones.report import HTMLReport
 
-from .analysis import cached_image_matches, category_matches, confusion_matrix, image_errors, threshold_index
+from .analysis import (
+    cached_image_matches,
+    category_matches,
+    confusion_matrix,
+    image_errors,
+    image_matches,
+    threshold_index,
+)
 from .error_analysis import coco_analyzer, tide_errors
 from .evaluation import STAT_NAMES, _category_names, _run_cocoeval, check_iou_types, load_ground_truth
-from .report_page import CURVES, write_section
+from .report_page import CURVES, confusion_matrix_figure, pr_overall_figure, write_section
 
-__all__ = ["analyze_detections", "check_report_options", "write_detection_report"]
+__all__ = ["analyze_detections", "check_report_options", "evaluation_figures", "write_detection_report"]
 
 AREAS = {"AP": 0, "APs": 1, "APm": 2, "APl": 3}  # COCOeval's area ranges: all, small, medium, large
 
@@ -48,9 +55,6 @@ def analyze_detections(
     matches = category_matches(coco_eval)
     images = cached_image_matches(coco_eval)
     t50 = threshold_index(coco_eval, 0.5)
-    counts, ignored = confusion_matrix(
-        images, params.catIds, threshold_index(coco_eval, confusion_iou), confusion_iou, score_threshold
-    )
     supercategories = {c["id"]: c.get("supercategory") for c in coco_eval.cocoGt.loadCats(params.catIds)}
     analyzer = coco_analyzer(coco_eval, images, supercategories)
     file_names = {i["id"]: i.get("file_name") for i in coco_eval.cocoGt.loadImgs(params.imgIds)}
@@ -61,15 +65,7 @@ def analyze_detections(
         "num_detections": int(sum(len(m.scores) for m in matches.values())),
         "per_category": {name: per_category[name] for name in order},
         "pr_curves": _pr_curves(coco_eval, names, has_gt, matches, score_threshold),
-        "confusion": {
-            "iou": confusion_iou,
-            "score": score_threshold,
-            "rows": [*names, "background"],
-            "columns": [*names, "missed"],
-            "counts": counts.tolist(),
-            "row_normalized": _row_normalized(counts),
-            "ignored_detections": ignored,
-        },
+        "confusion": _confusion(coco_eval, names, images, confusion_iou, score_threshold),
         "tide": tide_errors(coco_eval, images),
         "analyzer": {
             "overall": {kind: _area(curve) for kind, curve in analyzer["overall"].items()},
@@ -81,6 +77,45 @@ def analyze_detections(
             },
         },
         "worst_images": worst[:num_worst],
+    }
+
+
+def evaluation_figures(
+    coco_gt: Any,
+    results: list[dict],
+    iou_type: str,
+    *,
+    image_ids: Sequence[int] | None = None,
+    score_threshold: float = 0.5,
+    confusion_iou: float = 0.5,
+) -> dict[str, Any]:
+    """The PR curves of all categories and the row-normalised confusion matrix as figures, for a logger.
+
+    Returns:
+        ``{"pr_curve": Figure, "confusion_matrix": Figure}`` (matplotlib figures without pyplot).
+    """
+    coco_gt = load_ground_truth(coco_gt, "pycocotools")
+    coco_eval, _ = _run_cocoeval(coco_gt, results, iou_type, "pycocotools", image_ids)
+    names = _category_names(coco_gt.loadCats(coco_eval.params.catIds))
+    has_gt = coco_eval.eval["precision"][0, 0, :, 0, -1] > -1
+    curves = _pr_curves(coco_eval, names, has_gt, category_matches(coco_eval), score_threshold)
+    confusion = _confusion(coco_eval, names, image_matches(coco_eval), confusion_iou, score_threshold)
+    return {
+        "pr_curve": pr_overall_figure(iou_type, curves),
+        "confusion_matrix": confusion_matrix_figure(iou_type, confusion, normalized=True),
+    }
+
+
+def _confusion(coco_eval, names: list[str], images, iou: float, score: float) -> dict:
+    counts, ignored = confusion_matrix(images, coco_eval.params.catIds, threshold_index(coco_eval, iou), iou, score)
+    return {
+        "iou": iou,
+        "score": score,
+        "rows": [*names, "background"],
+        "columns": [*names, "missed"],
+        "counts": counts.tolist(),
+        "row_normalized": _row_normalized(counts),
+        "ignored_detections": ignored,
     }
 
 

@@ -25,7 +25,7 @@ from .analysis import cached_image_matches, threshold_index
 from .error_analysis import ANALYZER_TYPES, TIDE_ERRORS, TIDE_SPECIAL_ERRORS
 from .evaluation import _category_names
 
-__all__ = ["CURVES", "write_section"]
+__all__ = ["CURVES", "confusion_matrix_figure", "pr_overall_figure", "write_section"]
 
 CURVES = {"IoU=0.50": (0.5,), "IoU=0.75": (0.75,), "IoU=0.50:0.95": tuple(np.linspace(0.5, 0.95, 10))}
 CONFUSION_DEFINITION = (
@@ -36,6 +36,28 @@ CONFUSION_DEFINITION = (
     "truth left over is missed (last column). Crowd regions are no objects: detections COCOeval ignores on them "
     "({ignored} here) are left out. Rows sum to the ground truths per class, columns to the detections per class."
 )
+
+
+def pr_overall_figure(iou_type: str, curves: dict):
+    """All categories' PR curves at each IoU of :data:`CURVES`, with the operating points (metrics' ``pr_curves``)."""
+    overall = {f"{label} (AP {curves[label]['overall']['AP']:.3f})": curves[label]["overall"] for label in CURVES}
+    return pr_curve_figure(
+        curves["recall"],
+        {key: entry["precision"] for key, entry in overall.items()},
+        title=f"{iou_type}, all categories",
+        points={key: _point(entry) for key, entry in overall.items()},
+        point_label=f"score >= {curves['score']}",
+    )
+
+
+def confusion_matrix_figure(iou_type: str, confusion: dict, *, normalized: bool):
+    """The confusion matrix of the metrics' ``confusion``, raw or row-normalised."""
+    matrix = np.asarray(confusion["counts"])
+    if normalized:
+        matrix = np.nan_to_num(np.asarray(confusion["row_normalized"], dtype=float))
+    title = f"{iou_type} confusions (IoU {confusion['iou']}, score >= {confusion['score']})"
+    title += ", row-normalised" if normalized else ""
+    return confusion_figure(matrix, confusion["rows"], confusion["columns"], title=title, normalized=normalized)
 
 
 def write_section(page: HTMLReport, out: Path, iou_type: str, metrics: dict, coco_eval, images_dir) -> None:
@@ -61,18 +83,7 @@ def write_section(page: HTMLReport, out: Path, iou_type: str, metrics: dict, coc
         f"the categories with ground truth. Dots: precision and recall of the detections scoring >= {score}."
     )
     labels = list(CURVES)
-    overall = {f"{label} (AP {curves[label]['overall']['AP']:.3f})": curves[label]["overall"] for label in labels}
-    figure(
-        "pr_overall",
-        pr_curve_figure(
-            curves["recall"],
-            {k: v["precision"] for k, v in overall.items()},
-            title=f"{iou_type}, all categories",
-            points={k: _point(v) for k, v in overall.items()},
-            point_label=f"score >= {score}",
-        ),
-        "PR curves of all categories",
-    )
+    figure("pr_overall", pr_overall_figure(iou_type, curves), "PR curves of all categories")
     rows = [
         [
             label,
@@ -108,12 +119,8 @@ def write_section(page: HTMLReport, out: Path, iou_type: str, metrics: dict, coc
         ["ground truth \\ prediction", *confusion["columns"]],
         [[row, *values] for row, values in zip(confusion["rows"], counts.tolist(), strict=True)],
     )
-    for name, matrix, normalized in (("confusion", counts, False), ("confusion_normalized", None, True)):
-        matrix = np.nan_to_num(np.asarray(confusion["row_normalized"], dtype=float)) if normalized else matrix
-        title = f"{iou_type} confusions (IoU {confusion['iou']}, score >= {confusion['score']})"
-        title += ", row-normalised" if normalized else ""
-        fig = confusion_figure(matrix, confusion["rows"], confusion["columns"], title=title, normalized=normalized)
-        figure(name, fig, title)
+    for name, normalized in (("confusion", False), ("confusion_normalized", True)):
+        figure(name, confusion_matrix_figure(iou_type, confusion, normalized=normalized), f"{name} matrix")
 
     tide = metrics["tide"]
     page.heading(f"{iou_type}: TIDE error breakdown (IoU 0.5)")

@@ -5,6 +5,7 @@ Optimizer, schedule, num_classes and the evaluation hooks are `backbones.trainin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -183,10 +184,18 @@ class DetectionTask(TrainingTask):
         )
 
     def report_evaluation(self, stage: str, metrics: Any) -> None:
-        """Writes the evaluation report to `report_dir` (process 0, not during the sanity check)."""
-        if self.hparams.report_dir is None or self.global_rank != 0 or self.trainer.sanity_checking:
-            return
+        """Logs the per-category AP; on process 0 the PR curve and confusion matrix to loggers that take figures
+        (TensorBoard's `add_figure`) and the report to `report_dir` (not during the sanity check)."""
         evaluator = self.evaluator(stage)
+        for iou_type in evaluator.iou_types:
+            per_category = evaluator.per_category_ap(iou_type)
+            scalars = {f"{stage}_{iou_type}_AP_{name}": ap for name, ap in per_category.items() if not math.isnan(ap)}
+            self.log_dict(scalars, sync_dist=False)  # the same on every rank
+        if self.global_rank != 0 or self.trainer.sanity_checking:
+            return
+        self._log_figures(stage, evaluator)
+        if self.hparams.report_dir is None:
+            return
         if not evaluator.last_results:
             rank_zero_warn(f"no detections in the {stage} evaluation: no report written to {self.hparams.report_dir}")
             return
@@ -202,6 +211,20 @@ class DetectionTask(TrainingTask):
             image_ids=evaluator.last_image_ids,
             sources={"stage": stage, "epoch": self.current_epoch, "annotations": self.evaluator_key(stage)},
         )
+
+    def _log_figures(self, stage: str, evaluator: COCOEvaluator) -> None:
+        experiments = [logger.experiment for logger in self.loggers if hasattr(logger.experiment, "add_figure")]
+        if not experiments or not evaluator.last_results:
+            return
+        from .report import evaluation_figures
+
+        for iou_type in evaluator.iou_types:
+            figures = evaluation_figures(
+                evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
+            )
+            for name, figure in figures.items():
+                for experiment in experiments:
+                    experiment.add_figure(f"{stage}_{iou_type}_{name}", figure, global_step=self.global_step)
 
     def evaluation_step(self, batch: tuple[list, list], stage: str) -> None:
         images, targets = batch

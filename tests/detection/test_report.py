@@ -27,7 +27,7 @@ def _predictions() -> tuple[list[dict], list[int]]:
     return predictions, image_ids
 
 
-def _task_after_evaluation(tmp_path, report_dir, *, rank=0, sanity=False, predictions=None):
+def _task_after_evaluation(tmp_path, report_dir, *, rank=0, sanity=False, predictions=None, loggers=()):
     gt_path, _ = planted.write(tmp_path)
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
@@ -38,7 +38,10 @@ def _task_after_evaluation(tmp_path, report_dir, *, rank=0, sanity=False, predic
     task.evaluator = lambda stage: evaluator  # the evaluator the task would have built for this split
     task.evaluator_key = lambda stage: gt_path
     datamodule = SimpleNamespace(split_paths={"val": (str(images), gt_path)})
-    task._trainer = SimpleNamespace(global_rank=rank, sanity_checking=sanity, datamodule=datamodule, current_epoch=3)
+    task._trainer = SimpleNamespace(global_rank=rank, sanity_checking=sanity, datamodule=datamodule, current_epoch=3,
+                                    global_step=7, loggers=list(loggers))  # fmt: skip
+    task.logged = {}
+    task.log_dict = lambda values, **kwargs: task.logged.update(values)
     outputs, image_ids = predictions or _predictions()
     evaluator.update(outputs, image_ids)
     return task, evaluator.compute()
@@ -84,3 +87,15 @@ def test_no_detections_warns_instead_of_failing(tmp_path):
     with pytest.warns(UserWarning, match="no detections in the val evaluation: no report written"):
         task.report_evaluation("val", metrics)
     assert not (tmp_path / "r").exists()
+
+
+def test_per_category_ap_is_logged_and_figures_go_to_loggers_that_take_them(tmp_path):
+    figures = []
+    takes_figures = SimpleNamespace(experiment=SimpleNamespace(add_figure=lambda *a, **k: figures.append((a, k))))
+    csv_like = SimpleNamespace(experiment=SimpleNamespace())  # no add_figure: nothing drawn for it
+    task, metrics = _task_after_evaluation(tmp_path, None, loggers=[csv_like, takes_figures])
+    task.report_evaluation("val", metrics)
+    per_category = task.evaluator("val").per_category_ap("bbox")
+    assert task.logged == {f"val_bbox_AP_{name}": ap for name, ap in per_category.items()}
+    assert sorted(args[0] for args, _ in figures) == ["val_bbox_confusion_matrix", "val_bbox_pr_curve"]
+    assert all(kwargs == {"global_step": 7} and hasattr(args[1], "savefig") for args, kwargs in figures)
