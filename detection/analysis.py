@@ -59,13 +59,23 @@ class CategoryMatches:
 
     @classmethod
     def from_images(
-        cls, scores: Sequence[np.ndarray], matched: Sequence[np.ndarray], ignored: Sequence[np.ndarray], num_gt
+        cls,
+        scores: Sequence[np.ndarray],
+        matched: Sequence[np.ndarray],
+        ignored: Sequence[np.ndarray],
+        num_gt: Sequence[int],
+        image_positions: Sequence[int] | None = None,
     ) -> CategoryMatches:
-        """Concatenate per-image arrays (in image order; each image's detections by score) and sort by score."""
-        num_images, thresholds = len(scores), matched[0].shape[0] if matched else 1
+        """Concatenate per-image arrays (in image order; each image's detections by score) and sort by score.
+
+        ``image_positions`` gives the image of each part when only some images have parts (``num_gt`` is then
+        per image of the whole list); None: part i is image i.
+        """
+        positions = np.arange(len(scores)) if image_positions is None else np.asarray(image_positions, np.int64)
+        thresholds = matched[0].shape[0] if matched else 1
         all_scores = np.concatenate(scores) if scores else np.zeros(0)
         order = np.argsort(-all_scores, kind="mergesort")  # stable, as COCOeval.accumulate
-        image_index = np.repeat(np.arange(num_images), [len(s) for s in scores])[order]
+        image_index = np.repeat(positions, [len(s) for s in scores])[order]
         stack = (lambda parts: np.concatenate(parts, axis=1)[:, order]) if scores else (lambda _: np.zeros((1, 0)))
         return cls(
             scores=all_scores[order],
@@ -234,20 +244,22 @@ def greedy_match(
     """
     num_dets, num_gts = ious.shape
     det_gt, det_ignored = -np.ones(num_dets, np.int64), np.zeros(num_dets, bool)
+    if not num_gts:
+        return det_gt, det_ignored
     order = np.argsort(gt_ignored, kind="mergesort")  # ignored ground truths last, as COCOeval sorts them
-    gt_taken = np.zeros(num_gts, bool)
+    ious, ignored, crowd = ious[:, order], np.asarray(gt_ignored, bool)[order], np.asarray(gt_crowd, bool)[order]
+    taken = np.zeros(num_gts, bool)
     for d in range(num_dets):
-        best, match = min(threshold, 1 - 1e-10), -1
-        for g in order:
-            if gt_taken[g] and not gt_crowd[g]:
-                continue
-            if match > -1 and not gt_ignored[match] and gt_ignored[g]:
-                break
-            if ious[d, g] < best:
-                continue
-            best, match = ious[d, g], g
-        if match > -1:
-            det_gt[d], det_ignored[d], gt_taken[match] = match, gt_ignored[match], True
+        # COCOeval keeps the best IoU >= the threshold (a tie goes to the later one) among the free regular
+        # ground truths, and looks at the ignored ones (a crowd region can take many) only without such a match.
+        candidates = (ious[d] >= min(threshold, 1 - 1e-10)) & (~taken | crowd)
+        if (candidates & ~ignored).any():
+            candidates &= ~ignored
+        elif not candidates.any():
+            continue
+        overlaps = np.where(candidates, ious[d], -np.inf)
+        match = num_gts - 1 - int(np.argmax(overlaps[::-1]))
+        det_gt[d], det_ignored[d], taken[match] = order[match], ignored[match], True
     return det_gt, det_ignored
 
 

@@ -167,7 +167,7 @@ def coco_analyzer(coco_eval, images: Sequence[ImageMatches], supercategories: di
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (T, R, K), area all, most detections
     t75, t50 = threshold_index(coco_eval, 0.75), threshold_index(coco_eval, 0.5)
     group = {c: supercategories.get(c) or f"__own_{c}" for c in params.catIds}
-    loose = {kind: _loose_matches(images, params.catIds, group, kind) for kind in ("Loc", "Sim", "Oth")}
+    loose = _loose_matches(images, params.catIds, group)
     per_category = {}
     for k, category in enumerate(params.catIds):
         if precision[t50, 0, k] < 0:
@@ -184,25 +184,41 @@ def coco_analyzer(coco_eval, images: Sequence[ImageMatches], supercategories: di
     return {"per_category": per_category, "overall": overall}
 
 
-def _loose_matches(images, category_ids, group: dict, kind: str, iou: float = 0.1) -> dict[int, CategoryMatches]:
-    """Matches of each category at IoU 0.1; for Sim/Oth, a false positive on another class's object is ignored."""
-    parts = {c: ([], [], [], []) for c in category_ids}
-    for image in images:
-        for category in category_ids:
+def _loose_matches(images, category_ids, group: dict, iou: float = 0.1) -> dict[str, dict[int, CategoryMatches]]:
+    """Matches of each category at IoU 0.1 ("Loc"); for "Sim"/"Oth" a false positive on an object of another class
+    (of the same supercategory / of any) is ignored, as if that object were a crowd region of the category."""
+    kinds = ("Loc", "Sim", "Oth")
+    parts = {kind: {c: ([], [], [], []) for c in category_ids} for kind in kinds}  # scores, matched, ignored, image
+    num_gt = {c: np.zeros(len(images), np.int64) for c in category_ids}
+    for position, image in enumerate(images):
+        gt_group = np.array([group[c] for c in image.gt_category], dtype=object)
+        for category in np.intersect1d(np.union1d(image.det_category, image.gt_category), category_ids):
+            category = int(category)
             dets = np.flatnonzero(image.det_category == category)
             gts = np.flatnonzero(image.gt_category == category)
+            num_gt[category][position] = np.count_nonzero(~image.gt_ignored[gts])
+            if not dets.size:
+                continue
+            # crowd regions are the ignored ground truths (COCOeval's ignore flag is iscrowd)
             det_gt, ignored = greedy_match(
                 image.iou[np.ix_(dets, gts)], image.gt_ignored[gts], image.gt_ignored[gts], iou
-            )  # crowd regions are the ignored ground truths (COCOeval's ignore flag is iscrowd)
-            if kind != "Loc":
-                others = image.gt_category != category
-                if kind == "Sim":
-                    others &= np.array([group[c] == group[category] for c in image.gt_category], bool)
-                on_other = (image.iof[np.ix_(dets, np.flatnonzero(others))] >= iou).any(axis=1)
-                ignored |= (det_gt < 0) & on_other
-            scores, matched, ignore, num_gt = parts[category]
-            scores.append(image.det_score[dets])
-            matched.append((det_gt >= 0)[None])
-            ignore.append(ignored[None])
-            num_gt.append(int(np.count_nonzero(~image.gt_ignored[gts])))
-    return {c: CategoryMatches.from_images(*parts[c]) for c in category_ids}
+            )
+            others = image.gt_category != category
+            on_other = image.iof[np.ix_(dets, np.flatnonzero(others))] >= iou
+            on_similar = image.iof[np.ix_(dets, np.flatnonzero(others & (gt_group == group[category])))] >= iou
+            free = det_gt < 0
+            variants = {"Loc": ignored, "Sim": ignored | (free & on_similar.any(axis=1)),
+                        "Oth": ignored | (free & on_other.any(axis=1))}  # fmt: skip
+            for kind in kinds:
+                scores, matched, ignore, positions = parts[kind][category]
+                scores.append(image.det_score[dets])
+                matched.append((det_gt >= 0)[None])
+                ignore.append(variants[kind][None])
+                positions.append(position)
+    return {
+        kind: {
+            c: CategoryMatches.from_images(*parts[kind][c][:3], num_gt[c], image_positions=parts[kind][c][3])
+            for c in category_ids
+        }
+        for kind in kinds
+    }
