@@ -99,3 +99,15 @@ def test_per_category_ap_is_logged_and_figures_go_to_loggers_that_take_them(tmp_
     assert task.logged == {f"val_bbox_AP_{name}": ap for name, ap in per_category.items()}
     assert sorted(args[0] for args, _ in figures) == ["val_bbox_confusion_matrix", "val_bbox_pr_curve"]
     assert all(kwargs == {"global_step": 7} and hasattr(args[1], "savefig") for args, kwargs in figures)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: tens of seconds on a busy machine
+def test_report_code_imports_neither_lightning_nor_pyplot():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, detection.report\nprint(sorted(m for m in ('lightning', 'matplotlib.pyplot') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
