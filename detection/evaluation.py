@@ -276,6 +276,9 @@ class COCOEvaluator:
         self.mask_threshold = mask_threshold
         self._category_ids = set(self.coco_gt.getCatIds())
         self._per_category: dict[str, dict[str, float]] = {}
+        # The results and scored images of the last compute() (all ranks'), for a report (detection.report).
+        self.last_results: list[dict] = []
+        self.last_image_ids: list[int] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -337,6 +340,7 @@ class COCOEvaluator:
         image_ids = self._scored_images(results_by_image.keys())
         # In image-id order: score ties then break the same way whichever rank saw which image.
         results = [result for image_id in sorted(results_by_image) for result in results_by_image[image_id]]
+        self.last_results, self.last_image_ids = results, image_ids
         verbose = _rank() == 0  # one printed summary, not one per process
         metrics = {}
         for iou_type in self.iou_types:

@@ -5,6 +5,7 @@ Optimizer, schedule, num_classes and the evaluation hooks are `backbones.trainin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -37,6 +38,9 @@ class DetectionTask(TrainingTask):
             `detection.weights_table`; "category_id" for the `*.tv_coco` tags unless `fresh_heads`),
             else "contiguous". Saved with the checkpoint.
         eval_backend: "auto", "pycocotools" or "faster_coco_eval".
+        report_dir: after each COCO evaluation (validate, test, each validation epoch of fit), process 0
+            writes the evaluation report there (`detection.report`: report.html, its figures and
+            metrics.json), the worst images drawn from the data module's images. None: no report.
         label_to_category_id: the COCO category id of each model label, filled from the data module
             and the label space and saved with the checkpoint, so inference writes the right ids
             (`class_names`, index 0 "__background__", names the labels).
@@ -59,6 +63,7 @@ class DetectionTask(TrainingTask):
         label_space: Literal["contiguous", "category_id"] | None = None,
         eval_backend: str = "auto",
         label_to_category_id: dict[int, int] | None = None,
+        report_dir: str | None = None,
         lr: float = 0.02,
         schedule: Literal["step", "cosine", "poly", "constant"] = "step",
         milestones: Sequence[int] = (8, 11),
@@ -177,6 +182,49 @@ class DetectionTask(TrainingTask):
             label_to_category_id=self.hparams.label_to_category_id,  # the model's labels, in its label space
             backend=self.hparams.eval_backend,
         )
+
+    def report_evaluation(self, stage: str, metrics: Any) -> None:
+        """Logs the per-category AP; on process 0 the PR curve and confusion matrix to loggers that take figures
+        (TensorBoard's `add_figure`) and the report to `report_dir` (not during the sanity check)."""
+        evaluator = self.evaluator(stage)
+        for iou_type in evaluator.iou_types:
+            per_category = evaluator.per_category_ap(iou_type)
+            scalars = {f"{stage}_{iou_type}_AP_{name}": ap for name, ap in per_category.items() if not math.isnan(ap)}
+            self.log_dict(scalars, sync_dist=False)  # the same on every rank
+        if self.global_rank != 0 or self.trainer.sanity_checking:
+            return
+        self._log_figures(stage, evaluator)
+        if self.hparams.report_dir is None:
+            return
+        if not evaluator.last_results:
+            rank_zero_warn(f"no detections in the {stage} evaluation: no report written to {self.hparams.report_dir}")
+            return
+        from .report import write_detection_report  # matplotlib only when a report is asked for
+
+        split_paths = getattr(getattr(self.trainer, "datamodule", None), "split_paths", {})
+        write_detection_report(
+            evaluator.coco_gt,
+            evaluator.last_results,
+            self.hparams.report_dir,
+            iou_types=evaluator.iou_types,
+            images_dir=split_paths.get(stage, (None,))[0],
+            image_ids=evaluator.last_image_ids,
+            sources={"stage": stage, "epoch": self.current_epoch, "annotations": self.evaluator_key(stage)},
+        )
+
+    def _log_figures(self, stage: str, evaluator: COCOEvaluator) -> None:
+        experiments = [logger.experiment for logger in self.loggers if hasattr(logger.experiment, "add_figure")]
+        if not experiments or not evaluator.last_results:
+            return
+        from .report import evaluation_figures
+
+        for iou_type in evaluator.iou_types:
+            figures = evaluation_figures(
+                evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
+            )
+            for name, figure in figures.items():
+                for experiment in experiments:
+                    experiment.add_figure(f"{stage}_{iou_type}_{name}", figure, global_step=self.global_step)
 
     def evaluation_step(self, batch: tuple[list, list], stage: str) -> None:
         images, targets = batch

@@ -7,6 +7,12 @@ table go to stdout; ``--output`` writes the metrics as JSON (nan as null), atomi
 Example:
     python tools/eval_det.py --annotations instances_val2017.json --results detections.json \
         --iou-type bbox segm --output metrics.json
+    python tools/eval_det.py --annotations instances_val2017.json --results detections.json \
+        --iou-type bbox segm --report report/ --images val2017/ --score-threshold 0.5
+
+``--report DIR`` also writes ``DIR/report.html`` (offline: its figures are PNG files beside it) and
+``DIR/metrics.json``: PR curves, a confusion matrix, TIDE's error breakdown, the COCO analyzer's curves and the
+images that lose most (drawn when ``--images`` gives their folder); see ``detection.report``.
 
 Exit status: 0 on success, 2 on bad input (a one-line message on stderr, and no output file).
 """
@@ -37,6 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iou-type", nargs="+", choices=IOU_TYPES, default=["bbox"], help="default: bbox")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="default: auto (faster_coco_eval if any)")
     parser.add_argument("--output", help="write the metrics JSON here")
+    parser.add_argument("--report", metavar="DIR", help="write report.html, its figures and metrics.json in DIR")
+    parser.add_argument("--images", metavar="DIR", help="the images' folder, to draw the worst images in the report")
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="the report's confusion matrix and PR operating points take the detections scoring >= this (default: 0.5)",
+    )
+    parser.add_argument(
+        "--confusion-iou", type=float, default=0.5, help="the report's confusion matrix IoU: 0.5, 0.55, ... or 0.95"
+    )
     return parser.parse_args(argv)
 
 
@@ -47,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     iou_types = list(dict.fromkeys(args.iou_type))
     backend = resolve_backend(args.backend)
     _check_output_directory(args.output)
+    if args.report:
+        from detection.report import check_report_options
+
+        check_report_options(
+            images_dir=args.images, confusion_iou=args.confusion_iou, score_threshold=args.score_threshold
+        )
     coco_gt = load_ground_truth(args.annotations, backend)
     results = read_json(args.results)
     validate_results(results, coco_gt, iou_types, source=args.results)
@@ -60,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         report = {"annotations": args.annotations, "results": args.results, "backend": backend}
         write_json(args.output, {**report, "metrics": metrics, "per_category": per_category}, indent=2)
         print(f"metrics written to {args.output}")
+    if args.report:
+        from detection.report import write_detection_report
+
+        write_detection_report(
+            coco_gt,
+            results,
+            args.report,
+            iou_types=iou_types,
+            images_dir=args.images,
+            score_threshold=args.score_threshold,
+            confusion_iou=args.confusion_iou,
+            sources={"annotations": args.annotations, "results": args.results},
+        )
+        print(f"report written to {os.path.join(args.report, 'report.html')}")
     return 0
 
 

@@ -13,6 +13,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detection.analysis import image_matches
+from detection.error_analysis import tide_errors
 from tests.tools import loader
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -167,3 +169,169 @@ def test_empty_results_give_zeros_with_a_warning(files, tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert "no detections to evaluate" in completed.stderr
     assert set(json.loads(output.read_text())["metrics"].values()) == {0.0}
+
+
+# ------------------------------------------------------------------ --report
+
+
+@pytest.fixture
+def planted_files(tmp_path):
+    """The planted set of tests/detection/planted.py (every error type once, a crowd region) and its images."""
+    import cv2
+
+    from tests.detection import planted
+
+    gt_path, results_path = planted.write(tmp_path, crowd=True)
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id in planted.OBJECTS:
+        cv2.imwrite(str(images / f"{image_id}.png"), np.full((planted.SIZE, planted.SIZE, 3), 60 * image_id, np.uint8))
+    return gt_path, results_path, images
+
+
+def _raw_cocoeval(gt_path, results, iou_type):
+    """Raw pycocotools, evaluated, accumulated and summarized."""
+    fields = ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(gt_path)
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes([{k: r[k] for k in fields} for r in results]), iou_type)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval
+
+
+def _at_score(coco_eval, k, t, score):
+    """Precision and recall of category index k at IoU index t for the detections scoring >= score, counted."""
+    true_positives = detections = num_gt = 0
+    for entry in coco_eval.evalImgs[k * 4 * len(coco_eval.params.imgIds) : (k * 4 + 1) * len(coco_eval.params.imgIds)]:
+        if entry is None:
+            continue
+        num_gt += int((entry["gtIgnore"] == 0).sum())
+        for d, s in enumerate(entry["dtScores"]):
+            if s >= score and not entry["dtIgnore"][t, d]:
+                detections += 1
+                true_positives += entry["dtMatches"][t, d] > 0
+    return true_positives / detections, true_positives / num_gt
+
+
+def _check_page(folder):
+    """The page parses, shows only files of its folder, and loads nothing from the network."""
+    from html.parser import HTMLParser
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.links, self.ids, self.tags = [], set(), set()
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.add(tag)
+            self.ids.add(attrs.get("id"))
+            self.links += [attrs[key] for key in ("src", "href") if key in attrs]
+
+    text = (folder / "report.html").read_text()
+    parser = Links()
+    parser.feed(text)
+    parser.close()
+    assert "http://" not in text and "https://" not in text and not {"script", "link", "iframe"} & parser.tags
+    images = [link for link in parser.links if not link.startswith("#")]
+    assert images and all((folder / link).is_file() for link in images), images
+    assert all(link[1:] in parser.ids for link in parser.links if link.startswith("#"))
+    return text, images
+
+
+def _run_report(*arguments):
+    """eval_det in this process (the imports are paid once); returns the exit status."""
+    main = loader.load_tool("eval_det").main
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main([str(argument) for argument in arguments])
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", pytest.param("segm", marks=pytest.mark.slow)])
+def test_report_numbers_equal_pycocotools(planted_files, tmp_path, iou_type):
+    gt_path, results_path, images = planted_files
+    folder = tmp_path / "report"
+    status = _run_report("--annotations", gt_path, "--results", results_path, "--iou-type", iou_type,
+                         "--report", folder, "--images", images, "--score-threshold", "0.5")  # fmt: skip
+    assert status == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
+    reference, report = _raw_cocoeval(gt_path, results, iou_type), metrics[iou_type]
+    stats = [None if s < 0 else s for s in reference.stats]
+    assert list(report["summary"].values()) == pytest.approx(stats)
+    precision = reference.eval["precision"][:, :, :, :, -1]
+    names = [c["name"] for c in reference.cocoGt.loadCats(reference.params.catIds)]
+    for k, name in enumerate(names):
+        row = report["per_category"][name]
+        for key, value in (("AP", precision[:, :, k, 0]), ("AP50", precision[0, :, k, 0]),
+                           ("AP75", precision[5, :, k, 0]), ("APs", precision[:, :, k, 1]),
+                           ("APm", precision[:, :, k, 2]), ("APl", precision[:, :, k, 3])):  # fmt: skip
+            expected = value[value > -1].mean() if (value > -1).any() else None  # nan is written as null
+            assert row[key] == pytest.approx(expected), (name, key)
+    aps = [row["AP"] for row in report["per_category"].values()]
+    assert aps == sorted(aps, reverse=True)
+    curves = report["pr_curves"]
+    assert curves["recall"] == pytest.approx(reference.params.recThrs.tolist())
+    for label, t, index in (("IoU=0.50", 0, 1), ("IoU=0.75", 5, 2), ("IoU=0.50:0.95", None, 0)):
+        overall = curves[label]["overall"]
+        assert overall["AP"] == pytest.approx(np.mean(overall["precision"])) == pytest.approx(stats[index])
+        for k, name in enumerate(names):
+            entry = curves[label]["per_category"][name]
+            assert np.mean(entry["precision"]) == pytest.approx(entry["AP"])
+            assert entry["AP"] == pytest.approx(report["per_category"][name][("AP", "AP50", "AP75")[index]])
+            if t is not None:
+                assert entry["scores"] == pytest.approx(reference.eval["scores"][t, :, k, 0, -1].tolist())
+                point = _at_score(reference, k, t, 0.5)
+                assert (entry["at_score"]["precision"], entry["at_score"]["recall"]) == pytest.approx(point)
+    confusion = report["confusion"]
+    counts = np.array(confusion["counts"])
+    scored = [r for r in results if r["score"] >= 0.5]
+    columns = counts[:, :-1].sum(axis=0) + np.eye(3, dtype=int)[1] * confusion["ignored_detections"]
+    assert columns.tolist() == [sum(r["category_id"] == c for r in scored) for c in (1, 2, 3)]
+    objects = [a["category_id"] for a in reference.cocoGt.anns.values() if not a["iscrowd"]]
+    assert counts[:-1].sum(axis=1).tolist() == [objects.count(c) for c in (1, 2, 3)]
+    for row in confusion["row_normalized"]:
+        assert sum(row) == pytest.approx(1.0)
+    assert report["tide"]["AP"] == pytest.approx(stats[1])
+    tide = tide_errors(reference, image_matches(reference))  # tested against tidecv in tests/detection
+    assert report["tide"] == {key: pytest.approx(value) for key, value in tide.items()}
+    assert report["num_images"] == 3 and report["num_detections"] == len(results)
+    analyzer = report["analyzer"]["overall"]
+    assert (analyzer["C75"]["AP"], analyzer["C50"]["AP"], analyzer["FN"]["AP"]) == pytest.approx(
+        (stats[2], stats[1], 1.0)
+    )
+    for name in names:
+        if report["analyzer"]["per_category"][name] is not None:
+            area = report["analyzer"]["per_category"][name]["C50"]["AP"]
+            assert area == pytest.approx(report["per_category"][name]["AP50"])
+    assert report["worst_images"][0]["image_id"] == 1 and report["worst_images"][0]["file_name"] == "1.png"
+    text, shown = _check_page(folder)
+    assert f"{iou_type}_worst_1.png" in shown and f"{iou_type}: TIDE error breakdown" in text
+
+
+def test_report_without_images_says_so(planted_files, tmp_path):
+    gt_path, results_path, _ = planted_files
+    folder = tmp_path / "report"
+    assert _run_report("--annotations", gt_path, "--results", results_path, "--report", folder) == 0
+    text, shown = _check_page(folder)
+    assert "Not drawn: no images folder was given" in text and not [s for s in shown if "worst" in s]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--confusion-iou", "0.3"], "confusion IoU 0.3: choose one of COCOeval's thresholds"),
+        (["--images", "nowhere"], "nowhere: the images folder does not exist"),
+        (["--score-threshold", "2"], "score threshold 2.0: choose a value in [0, 1]"),
+    ],
+)
+def test_report_bad_options_exit_2(planted_files, tmp_path, arguments, message):
+    gt_path, results_path, _ = planted_files
+    main = loader.load_tool("eval_det").main
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        status = main(
+            ["--annotations", gt_path, "--results", results_path, "--report", str(tmp_path / "r"), *arguments]
+        )
+    assert status == 2 and message in stderr.getvalue(), stderr.getvalue()
+    assert not (tmp_path / "r").exists()
