@@ -565,14 +565,26 @@ def test_training_tools_raise_errors_that_name_the_culprit(shapes, coco, tmp_pat
         assert message in str(error.value)
 
 
-def test_training_tool_refuses_a_checkpoint_of_another_task(shapes, checkpoints, tmp_path, capsys):
-    args = ["fit", *_shapes_args(shapes, "detection.data.ShapesDataModule"), *TRAIN_COMMON,
-            f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={checkpoints['segmentation']}"]  # fmt: skip
+@pytest.mark.parametrize(
+    "tool, data, task, other_tool",
+    [
+        ("train_det", "detection.data.ShapesDataModule", "segmentation", "tools/train_seg.py"),
+        ("train_seg", "segmentation.data.ShapesSegmentationDataModule", "classification", "tools/train_cls.py"),
+        ("train_cls", "backbones.classification.ShapesClassificationDataModule", "detection", "tools/train_det.py"),
+    ],
+)
+def test_training_tool_refuses_a_checkpoint_of_another_task(
+    shapes, checkpoints, tmp_path, capsys, monkeypatch, tool, data, task, other_tool
+):
+    monkeypatch.setattr("sys.argv", [f"tools/{tool}.py"])  # the tool's name in the message, as from a shell
+    args = ["validate", f"--data={data}", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={checkpoints[task]}"]
     with pytest.raises(SystemExit) as exit_:
-        train_det.main(args)
+        {"train_det": train_det, "train_seg": train_seg, "train_cls": train_cls}[tool].main(args)
     assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "does not accept option 'model.backbone'" in err and "Parsing of ckpt_path hyperparameters failed" in err
+    takes = {"train_det": "detection", "train_seg": "segmentation", "train_cls": "classification"}[tool]
+    assert capsys.readouterr().err == (
+        f"{tool}: error: '{checkpoints[task]}' is a {task} checkpoint, not a {takes} one; give it to {other_tool}\n"
+    )
 
 
 # ------------------------------------------------------------------------------ as a shell would see it
