@@ -9,6 +9,10 @@ defaults and the outputs (names, shapes, dtypes).
     model = load_exported("model.onnx")  # the eager model's eval outputs, from onnxruntime
     check_export(eager, model, images, task="classification")  # raises ExportMismatch
 
+What differs between tasks (what is exported, how the outputs are read back and compared, where the
+classes are counted) is each task's `TaskExport`, registered with its task (`backbones.tasks`):
+`backbones.classification.export`, `detection.export`, `segmentation.export`. This module names no task.
+
 `onnx`, `onnxscript` and `onnxruntime` (the `export` extra) are imported only when an ONNX file is
 written or run; `import backbones` imports none of them.
 """
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,33 +28,44 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .data.files import write_atomically
+from .task_export import (
+    LOGITS_RTOL,
+    ExportMismatch,
+    ExportSource,
+    NetworkWeights,
+    TaskExport,
+    backbone_weights,
+    compare_logits,
+    export_adapter,
+    run_checked,
+)
+from .tasks import list_tasks
+
 __all__ = [
     "FORMATS",
-    "TASKS",
+    "LOGITS_RTOL",
     "ExportMismatch",
+    "ExportSource",
     "ExportedModel",
+    "NetworkWeights",
     "NormalizedModel",
+    "TaskExport",
+    "backbone_weights",
     "base_metadata",
     "check_export",
     "check_images",
+    "compare_logits",
+    "export_adapter",
     "load_exported",
+    "run_checked",
     "sidecar_path",
     "write_exported",
 ]
 
 FORMATS = {"export": ".pt2", "onnx": ".onnx"}
 EXPORTED_SUFFIXES = tuple(FORMATS.values())  # what `load_exported` reads
-TASKS = ("classification", "segmentation", "detection")
 INPUT_NAME = "images"
-# Parity tolerances of `check_export` (relative to the largest reference value where it says so).
-LOGITS_RTOL = 1e-4
-BOX_RTOL = 1e-3
-SCORE_ATOL = 1e-4
-MASK_MIN_IOU = 0.99
-
-
-class ExportMismatch(RuntimeError):
-    """The exported model's outputs differ from the eager model's."""
 
 
 class NormalizedModel(nn.Module):
@@ -83,8 +97,8 @@ def base_metadata(
 
     Each category is `{"label": model output index, "name": ..., "id": dataset id (detection, when known)}`.
     """
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}; choose one of {', '.join(TASKS)}")
+    if task not in list_tasks():
+        raise ValueError(f"task={task!r}; choose one of {', '.join(list_tasks())}")
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} category names for a model of {num_classes} classes")
@@ -155,10 +169,10 @@ def write_exported(
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         if fmt == "export":
             program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=False)
-            _atomically(path, lambda tmp: torch.export.save(program, tmp))
+            write_atomically(path, lambda tmp: torch.export.save(program, tmp))
         else:
             _require_onnx("write an ONNX model")
-            _atomically(
+            write_atomically(
                 path,
                 lambda tmp: torch.onnx.export(
                     module, (example,), tmp, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=[INPUT_NAME],
@@ -179,7 +193,7 @@ def write_exported(
         }
         for name, out in zip(output_names, outputs, strict=True)
     ]
-    _atomically(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
+    write_atomically(sidecar_path(path), json.dumps(metadata, indent=2) + "\n")
     return metadata
 
 
@@ -187,20 +201,9 @@ def _symbolic_shape(name: str, output: Tensor, dynamic_batch: bool) -> list[int 
     shape: list[int | str] = list(output.shape)
     if dynamic_batch:
         shape[0] = "N"
-    if name == "logits" and output.dim() == 4:  # segmentation: at the input size
+    if name == "logits" and output.dim() == 4:  # dense logits: at the input size
         shape[2:] = ["H", "W"]
     return shape
-
-
-def _atomically(path: Path, write: Callable[[str], object]) -> None:
-    """Calls `write(temporary)` beside `path`, then renames: never a half-written file at `path`."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def _require_onnx(what: str) -> None:
@@ -220,18 +223,17 @@ def _require_onnx(what: str) -> None:
 class ExportedModel:
     """An exported model (.pt2 or .onnx) behind the eager model's eval interface.
 
-    - classification: `model(images)` -> logits (N, num_classes);
-    - segmentation: `model(images)` -> {"out": logits (N, num_classes, H, W)} (as `SegmentationTask`);
-    - detection: `model([image, ...])` -> one dict per image with `boxes`, `labels`, `scores` and, for
-      Mask R-CNN, `masks` (n, 1, H, W) probabilities pasted at the image size (as torchvision's models).
-
-    Images are float in [0, 1]. `metadata` holds the JSON written beside the model.
+    Called as the eager model is, with float images in [0, 1]; its task's `TaskExport.outputs` turns
+    the exported tensors into the eager outputs (e.g. classification: logits (N, num_classes);
+    segmentation: {"out": logits}; detection: one dict per image with the masks pasted).
+    `metadata` holds the JSON written beside the model.
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any]):
         self.path = Path(path)
         self.metadata = metadata
         self.task = metadata["task"]
+        self.adapter = export_adapter(self.task)
         self.output_names = [o["name"] for o in metadata["outputs"]]
         self.device = torch.device("cpu")
         if metadata["format"] == "onnx":
@@ -270,23 +272,7 @@ class ExportedModel:
         return dict(zip(self.output_names, outputs, strict=True))
 
     def __call__(self, images: Tensor | Sequence[Tensor]) -> Any:
-        if self.task == "detection":
-            return [self._detect(image) for image in images]
-        outputs = self._run(images)
-        return {"out": outputs["logits"]} if self.task == "segmentation" else outputs["logits"]
-
-    def _detect(self, image: Tensor) -> dict[str, Tensor]:
-        """One image (3, H, W): the padded outputs cut to `num_detections`, the masks pasted."""
-        from torchvision.models.detection.transform import paste_masks_in_image
-
-        outputs = self._run(image[None])
-        count = int(outputs["num_detections"][0])
-        result = {name: outputs[name][0, :count] for name in ("boxes", "labels", "scores")}
-        if "masks" in outputs:
-            result["masks"] = paste_masks_in_image(
-                outputs["masks"][0, :count], result["boxes"], tuple(image.shape[-2:])
-            )
-        return result
+        return self.adapter.outputs(self._run, images)
 
 
 def load_exported(path: str | os.PathLike) -> ExportedModel:
@@ -309,7 +295,7 @@ def load_exported(path: str | os.PathLike) -> ExportedModel:
         raise ValueError(
             f"{str(meta_path)!r} is not an export's metadata JSON ({type(error).__name__}: {error})"
         ) from error
-    if task not in TASKS or metadata.get("format") != fmt or not outputs:
+    if task not in list_tasks() or metadata.get("format") != fmt or not outputs:
         raise ValueError(
             f"{str(meta_path)!r}: task={task!r}, format={metadata.get('format')!r} do not describe {path.name}"
         )
@@ -329,81 +315,10 @@ def check_images(sizes: Sequence[tuple[int, int]], *, seed: int = 0) -> list[Ten
 def check_export(
     reference: Callable, exported: Callable, images: Sequence[Tensor], *, task: str, batch: bool = False
 ) -> None:
-    """Runs both models on each image (or, with `batch`, also on all images of one size as a batch) and compares.
-
-    Classification and segmentation: logits within `LOGITS_RTOL` of the largest reference logit.
-    Detection: the same number of detections and labels, boxes within `BOX_RTOL` (relative to the
-    largest coordinate), scores within `SCORE_ATOL`, masks (at 0.5) of IoU >= `MASK_MIN_IOU` each.
+    """Runs both models on each image (or, with `batch`, also on all images of one size as a batch) and compares
+    them as task `task`'s `TaskExport.compare` does (logits: within `LOGITS_RTOL` of the largest reference logit).
 
     Raises:
         ExportMismatch: names the image (its size) and what differed, by how much.
     """
-    for index, image in enumerate(images):
-        where = f"image {index} ({image.shape[-2]}x{image.shape[-1]})"
-        if task == "detection":
-            _compare_detections(reference([image])[0], _run(exported, [image], where)[0], where)
-        else:
-            _compare_logits(_logits(_run(reference, image[None])), _logits(_run(exported, image[None], where)), where)
-    if batch and task != "detection" and len(images) > 1:
-        stacked = torch.stack([nn.functional.interpolate(i[None], size=images[0].shape[-2:])[0] for i in images])
-        where = f"a batch of {len(images)}"
-        _compare_logits(_logits(_run(reference, stacked)), _logits(_run(exported, stacked, where)), where)
-
-
-def _run(model: Callable, inputs: Any, where: str | None = None) -> Any:
-    """`model(inputs)` without gradients; a failure of the exported model (`where` given) is a mismatch."""
-    with torch.no_grad():
-        if where is None:
-            return model(inputs)
-        try:
-            return model(inputs)
-        except Exception as error:  # a guard of the program, an onnxruntime error: the export does not run here
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ExportMismatch(f"{where}: the exported model failed: {type(error).__name__}: {first_line}") from error
-
-
-def _logits(output: Any) -> Tensor:
-    return output["out"] if isinstance(output, dict) else output
-
-
-def _compare_logits(expected: Tensor, actual: Tensor, where: str) -> None:
-    if expected.shape != actual.shape:
-        raise ExportMismatch(
-            f"{where}: logits of shape {tuple(actual.shape)}, the eager model's {tuple(expected.shape)}"
-        )
-    difference = (expected - actual).abs().max().item()
-    scale = expected.abs().max().item()
-    if difference > LOGITS_RTOL * max(scale, 1e-12):
-        raise ExportMismatch(
-            f"{where}: logits differ by {difference:.3g}, over {LOGITS_RTOL:g} of their largest magnitude {scale:.3g}"
-        )
-
-
-def _compare_detections(expected: dict[str, Tensor], actual: dict[str, Tensor], where: str) -> None:
-    n, m = len(expected["boxes"]), len(actual["boxes"])
-    if n != m:
-        raise ExportMismatch(f"{where}: {m} detections, the eager model has {n}")
-    if n == 0:
-        return
-    if not torch.equal(expected["labels"].long(), actual["labels"].long()):
-        raise ExportMismatch(
-            f"{where}: labels {actual['labels'].tolist()}, the eager model's {expected['labels'].tolist()}"
-        )
-    box_difference = (expected["boxes"] - actual["boxes"]).abs().max().item()
-    scale = max(expected["boxes"].abs().max().item(), 1.0)
-    if box_difference > BOX_RTOL * scale:
-        raise ExportMismatch(f"{where}: boxes differ by {box_difference:.3g} px, over {BOX_RTOL:g} of {scale:.4g}")
-    score_difference = (expected["scores"] - actual["scores"]).abs().max().item()
-    if score_difference > SCORE_ATOL:
-        raise ExportMismatch(f"{where}: scores differ by {score_difference:.3g}, over {SCORE_ATOL:g}")
-    if "masks" in expected:
-        if "masks" not in actual:
-            raise ExportMismatch(f"{where}: the exported model returns no masks")
-        a, b = expected["masks"].flatten(1) > 0.5, actual["masks"].flatten(1) > 0.5
-        union = (a | b).sum(1)
-        iou = torch.where(union > 0, (a & b).sum(1) / union.clamp(min=1), torch.ones_like(union, dtype=torch.float))
-        worst = iou.min().item()
-        if worst < MASK_MIN_IOU:
-            raise ExportMismatch(
-                f"{where}: mask IoU {worst:.4f} for detection {int(iou.argmin())}, under {MASK_MIN_IOU}"
-            )
+    export_adapter(task).compare(reference, exported, images, batch=batch)

@@ -5,9 +5,21 @@ imported on first use.
 """
 
 from backbones.lazy import lazy_exports
+from backbones.tasks import TaskEntry, register_task
 
 from .evaluation import COCOEvaluator
 from .models import PRESETS, build_model
+
+TASK = register_task(
+    TaskEntry(
+        name="detection",
+        task="detection.task:DetectionTask",
+        models=("detection.models:PRESETS", "detection.models:ARCHITECTURES"),
+        export="detection.export:DetectionExport",
+        train_tool="tools/train_det.py",
+        infer_tool="tools/infer_det.py",
+    )
+)
 
 _MACHINERY = {
     "CocoDetection": ".coco",
@@ -17,4 +29,4 @@ _MACHINERY = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _MACHINERY)
 
-__all__ = ["COCOEvaluator", "PRESETS", "build_model", *_MACHINERY]
+__all__ = ["TASK", "COCOEvaluator", "PRESETS", "build_model", *_MACHINERY]

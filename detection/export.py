@@ -19,16 +19,17 @@ and reimplements only the parts after the backbone that branch on data or on sym
   declares at least 2 kept boxes) true for images with one detection or none;
 - the outputs: fixed-size padded tensors and a count instead of a list of dicts of any length, and
   the masks as 28x28 probabilities: `paste_masks_in_image` loops over the detections in Python, so
-  pasting happens outside the graph (`backbones.export.ExportedModel` pastes them).
+  pasting happens outside the graph (`DetectionExport.outputs` pastes them when the export is run).
 
 Eager results are unchanged: the wrapper's outputs equal the model's own (checked by
-`backbones.export.check_export` on images of several sizes).
+`backbones.export.check_export` on images of several sizes, with `DetectionExport.compare`).
+`DetectionExport` is what the tools ask of a detector (registered with the task in `detection/__init__.py`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,16 +38,40 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.models.detection.transform import paste_masks_in_image
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _convert_to_roi_format, initLevelMapper
 
-from backbones.export import base_metadata
+from backbones.export import (
+    ExportMismatch,
+    ExportSource,
+    NetworkWeights,
+    TaskExport,
+    backbone_weights,
+    base_metadata,
+    run_checked,
+)
 
-__all__ = ["OUTPUT_NAMES", "ExportableRCNN", "batched_nms", "detection_metadata", "kept_rows", "roi_align_levels"]
+from .models import HEAD_PREFIXES, PRESETS, build_model
+
+__all__ = [
+    "OUTPUT_NAMES",
+    "DetectionExport",
+    "ExportableRCNN",
+    "batched_nms",
+    "compare_detections",
+    "detection_metadata",
+    "kept_rows",
+    "roi_align_levels",
+]
 
 # The wrapper's outputs, in order; `masks` only for Mask R-CNN.
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections", "masks")
+# Parity tolerances of `compare_detections`: boxes relative to the largest coordinate, scores absolute.
+BOX_RTOL = 1e-3
+SCORE_ATOL = 1e-4
+MASK_MIN_IOU = 0.99
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -290,3 +315,114 @@ def detection_metadata(
         "and threshold at 0.5"
     )
     return metadata
+
+
+class DetectionExport(TaskExport):
+    """`ExportableRCNN` with a batch of one; run back as torchvision's detectors are: a list of images in,
+    one dict per image out (`boxes`, `labels`, `scores`, and `masks` (n, 1, H, W) pasted at the image size)."""
+
+    task = "detection"
+    default_size = (480, 640)
+    class_keys = (f"{HEAD_PREFIXES[0]}cls_score.weight",)  # the box predictor's class scores
+    batch_error = (
+        "detectors export with a batch of 1 (their per-image proposals and NMS run in a Python loop over the "
+        "batch); run images one at a time"
+    )
+
+    def source(self, task: nn.Module) -> ExportSource:
+        hp = task.hparams
+        return ExportSource(
+            self.task, hp.model, task.model, int(hp.num_classes), class_names=hp.class_names,
+            label_to_category_id=hp.label_to_category_id,
+        )  # fmt: skip
+
+    def build(self, name: str, *, num_classes: int, weights: str) -> nn.Module:
+        return build_model(name, num_classes=num_classes, weights=weights)
+
+    def network(self, hparams: dict[str, Any], *, ema: bool = False) -> NetworkWeights:
+        # an FPN wraps the backbone as `body`; DC5 holds it as is
+        return backbone_weights(hparams, PRESETS, ("model.backbone.body.", "model.backbone."))
+
+    def exportable(self, source: ExportSource) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        module = ExportableRCNN(source.model).eval()
+        metadata = detection_metadata(
+            module, architecture=source.architecture, class_names=source.class_names,
+            label_to_category_id=source.label_to_category_id,
+        )  # fmt: skip
+        return module, module.output_names, metadata
+
+    def reference(self, source: ExportSource, module: nn.Module) -> Callable:
+        return source.model  # torchvision's detector itself, called on a list of images
+
+    def outputs(self, run: Callable[[Tensor], dict[str, Tensor]], images: Sequence[Tensor]) -> list[dict]:
+        return [self._detect(run, image) for image in images]
+
+    @staticmethod
+    def _detect(run: Callable[[Tensor], dict[str, Tensor]], image: Tensor) -> dict[str, Tensor]:
+        """One image (3, H, W): the padded outputs cut to `num_detections`, the masks pasted."""
+        outputs = run(image[None])
+        count = int(outputs["num_detections"][0])
+        result = {name: outputs[name][0, :count] for name in ("boxes", "labels", "scores")}
+        if "masks" in outputs:
+            result["masks"] = paste_masks_in_image(
+                outputs["masks"][0, :count], result["boxes"], tuple(image.shape[-2:])
+            )
+        return result
+
+    def compare(self, reference: Callable, exported: Callable, images: Sequence[Tensor], *, batch: bool) -> None:
+        """`compare_detections` on each image (run one at a time: a detector exports with a batch of one)."""
+        for index, image in enumerate(images):
+            where = f"image {index} ({image.shape[-2]}x{image.shape[-1]})"
+            compare_detections(run_checked(reference, [image])[0], run_checked(exported, [image], where)[0], where)
+
+
+def compare_detections(expected: dict[str, Tensor], actual: dict[str, Tensor], where: str) -> None:
+    """Raises `ExportMismatch` unless two detection results are the same set, in any order.
+
+    Detections are matched within each label, closest boxes first (tied scores order a set arbitrarily),
+    then each pair must agree: boxes within `BOX_RTOL` of the largest coordinate, scores within
+    `SCORE_ATOL`, masks (at 0.5) of IoU >= `MASK_MIN_IOU`.
+    """
+    n, m = len(expected["boxes"]), len(actual["boxes"])
+    if n != m:
+        raise ExportMismatch(f"{where}: {m} detections, the eager model has {n}")
+    if n == 0:
+        return
+    if sorted(expected["labels"].tolist()) != sorted(actual["labels"].tolist()):
+        raise ExportMismatch(
+            f"{where}: labels {actual['labels'].tolist()}, the eager model's {expected['labels'].tolist()}"
+        )
+    order = _match(expected["boxes"].float(), actual["boxes"].float(), expected["labels"], actual["labels"])
+    box_difference = (expected["boxes"] - actual["boxes"][order]).abs().max().item()
+    scale = max(expected["boxes"].abs().max().item(), 1.0)
+    if box_difference > BOX_RTOL * scale:
+        raise ExportMismatch(f"{where}: boxes differ by {box_difference:.3g} px, over {BOX_RTOL:g} of {scale:.4g}")
+    score_difference = (expected["scores"] - actual["scores"][order]).abs().max().item()
+    if score_difference > SCORE_ATOL:
+        raise ExportMismatch(f"{where}: scores differ by {score_difference:.3g}, over {SCORE_ATOL:g}")
+    if "masks" in expected:
+        if "masks" not in actual:
+            raise ExportMismatch(f"{where}: the exported model returns no masks")
+        a, b = expected["masks"].flatten(1) > 0.5, actual["masks"][order].flatten(1) > 0.5
+        union = (a | b).sum(1)
+        iou = torch.where(union > 0, (a & b).sum(1) / union.clamp(min=1), torch.ones_like(union, dtype=torch.float))
+        worst = iou.min().item()
+        if worst < MASK_MIN_IOU:
+            raise ExportMismatch(
+                f"{where}: mask IoU {worst:.4f} for detection {int(iou.argmin())}, under {MASK_MIN_IOU}"
+            )
+
+
+def _match(expected: Tensor, actual: Tensor, expected_labels: Tensor, actual_labels: Tensor) -> Tensor:
+    """For each expected box, the index of its actual box: pairs of one label, the closest (largest coordinate
+    difference) first. The label multisets are equal, so every expected box gets one."""
+    cost = (expected[:, None, :] - actual[None, :, :]).abs().amax(-1)  # (n, n)
+    cost[expected_labels[:, None] != actual_labels[None, :]] = float("inf")
+    order, taken, left = [-1] * len(expected), [False] * len(actual), len(expected)
+    for flat in cost.flatten().argsort(stable=True).tolist():  # inf (another label) sorts last
+        i, j = divmod(flat, len(actual))
+        if order[i] < 0 and not taken[j]:
+            order[i], taken[j], left = j, True, left - 1
+            if not left:
+                break
+    return torch.tensor(order)

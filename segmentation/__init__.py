@@ -5,9 +5,21 @@ imported on first use.
 """
 
 from backbones.lazy import lazy_exports
+from backbones.tasks import TaskEntry, register_task
 
 from .evaluation import SegmentationEvaluator
 from .models import PRESETS, DeepLabV3, DeepLabV3Plus, build_model
+
+TASK = register_task(
+    TaskEntry(
+        name="segmentation",
+        task="segmentation.task:SegmentationTask",
+        models=("segmentation.models:PRESETS", "segmentation.models:ARCHITECTURES"),
+        export="segmentation.export:SegmentationExport",
+        train_tool="tools/train_seg.py",
+        infer_tool="tools/infer_seg.py",
+    )
+)
 
 _MACHINERY = {
     "CocoSegmentationDataModule": ".data",
@@ -19,4 +31,4 @@ _MACHINERY = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _MACHINERY)
 
-__all__ = ["PRESETS", "DeepLabV3", "DeepLabV3Plus", "SegmentationEvaluator", "build_model", *_MACHINERY]
+__all__ = ["TASK", "PRESETS", "DeepLabV3", "DeepLabV3Plus", "SegmentationEvaluator", "build_model", *_MACHINERY]

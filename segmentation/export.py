@@ -2,7 +2,8 @@
 
 DeepLabV3 and V3+ have no data-dependent branches: both exporters take them as they are, with a
 dynamic batch and image size (`ASPPPooling` pools globally and upsamples to the feature size, which
-follows the input). The auxiliary head, a training aid, is left out of the graph.
+follows the input). The auxiliary head, a training aid, is left out of the graph. `SegmentationExport`
+is what the tools ask of a segmentation model (registered with the task in `segmentation/__init__.py`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from backbones.export import NormalizedModel, base_metadata
+from backbones.export import (
+    ExportSource,
+    NetworkWeights,
+    NormalizedModel,
+    TaskExport,
+    backbone_weights,
+    base_metadata,
+)
 
-__all__ = ["OUTPUT_NAMES", "exportable_segmenter", "segmentation_metadata"]
+from .models import HEAD_PREFIXES, PRESETS, build_model
+
+__all__ = ["OUTPUT_NAMES", "SegmentationExport", "exportable_segmenter", "segmentation_metadata"]
 
 OUTPUT_NAMES = ("logits",)
 
@@ -46,3 +56,34 @@ def segmentation_metadata(
     )  # fmt: skip
     metadata["postprocess"] = "argmax over the class axis: the label of each pixel (softmax: probabilities)"
     return metadata
+
+
+class SegmentationExport(TaskExport):
+    """Images in [0, 1] -> logits (N, num_classes, H, W); the exported model is called as `SegmentationTask`:
+    `model(images)["out"]`."""
+
+    task = "segmentation"
+    default_size = (512, 512)
+    class_keys = tuple(f"{prefix}weight" for prefix in HEAD_PREFIXES if not prefix.startswith("aux"))
+
+    def source(self, task: nn.Module) -> ExportSource:
+        hp = task.hparams
+        return ExportSource(
+            self.task, hp.model, task.model, int(hp.num_classes), hp.class_names, None, tuple(hp.mean), tuple(hp.std)
+        )
+
+    def build(self, name: str, *, num_classes: int, weights: str) -> nn.Module:
+        return build_model(name, num_classes=num_classes, weights=weights)
+
+    def network(self, hparams: dict[str, Any], *, ema: bool = False) -> NetworkWeights:
+        return backbone_weights(hparams, PRESETS, ("model.backbone.",))  # DeepLab holds it as is
+
+    def exportable(self, source: ExportSource) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
+        metadata = segmentation_metadata(
+            architecture=source.architecture, num_classes=source.num_classes, class_names=source.class_names,
+            mean=source.mean, std=source.std,
+        )  # fmt: skip
+        return exportable_segmenter(source.model, source.mean, source.std), OUTPUT_NAMES, metadata
+
+    def outputs(self, run, images: Tensor) -> dict[str, Tensor]:
+        return {"out": run(images)["logits"]}

@@ -381,11 +381,9 @@ def test_infer_det_bad_checkpoints_exit_2(checkpoints, evil, shapes, tmp_path, c
     cases = {
         evil: f"refused to load '{evil}'",
         _truncated(checkpoints["detection"], tmp_path / "cut.ckpt"): "the file is truncated or corrupt",
-        # another task's settings: the first one a detector does not take is named
-        checkpoints["segmentation"]: "as a DetectionTask checkpoint: UnknownNameError: unknown detection model "
-        "'deeplabv3plus_r18'",
-        checkpoints["classification"]: "as a DetectionTask checkpoint: UnknownNameError: unknown detection model "
-        "'resnet18'",
+        # another task's: what it is and which tool takes it
+        checkpoints["segmentation"]: "segmentation.ckpt' is a segmentation checkpoint, not a detection one",
+        checkpoints["classification"]: "is a classification checkpoint, not a detection one",
         str(tmp_path / "nowhere.ckpt"): f"checkpoint '{tmp_path / 'nowhere.ckpt'}' does not exist",
     }
     for checkpoint, message in cases.items():
@@ -418,10 +416,7 @@ def test_infer_seg_bad_input_exits_2(checkpoints, evil, shapes, tmp_path, capsys
     cases = [
         ([evil, str(images)], f"refused to load '{evil}'"),
         ([_truncated(checkpoints["segmentation"], tmp_path / "cut.ckpt"), str(images)], "truncated or corrupt"),
-        (
-            [checkpoints["detection"], str(images)],
-            "as a SegmentationTask checkpoint: UnknownNameError: unknown segmentation model 'faster_rcnn_r18_fpn'",
-        ),
+        ([checkpoints["detection"], str(images)], "is a detection checkpoint, not a segmentation one"),
         ([checkpoints["segmentation"], str(images), "--size", "0"], "--size=0; give a positive shorter side"),
     ]
     for args, message in cases:
@@ -434,6 +429,46 @@ def test_infer_seg_bad_input_exits_2(checkpoints, evil, shapes, tmp_path, capsys
     assert infer_seg.main([checkpoints["segmentation"], str(images), "--output", str(tmp_path / "out")]) == 2
     assert f"infer_seg: error: {images / '000002.jpg'}: cannot be decoded" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001_overlay.png"]  # complete ones only
+
+
+TRAIN_CLS = "tools/train_cls.py (validate/test with --ckpt_path)"
+
+
+@pytest.mark.parametrize(
+    "tool, task, takes, other_tool",
+    [
+        ("infer_det", "segmentation", "detection", "tools/infer_seg.py"),
+        ("infer_det", "classification", "detection", TRAIN_CLS),
+        ("infer_seg", "detection", "segmentation", "tools/infer_det.py"),
+        ("infer_seg", "classification", "segmentation", TRAIN_CLS),
+    ],
+)
+def test_a_checkpoint_of_another_task_says_what_it_is_and_which_tool_takes_it(
+    checkpoints, shapes, tmp_path, capsys, tool, task, takes, other_tool
+):
+    main = {"infer_det": infer_det, "infer_seg": infer_seg}[tool].main
+    output = tmp_path / "out"
+    assert main([checkpoints[task], str(shapes.val_images), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == (
+        f"{tool}: error: '{checkpoints[task]}' is a {task} checkpoint, not a {takes} one (tools/{tool}.py takes a "
+        f"{takes} checkpoint); give it to {other_tool}\n"
+    )
+    assert not output.exists() or not list(output.iterdir())
+
+
+@pytest.mark.parametrize("tool", ["export_model", "export_backbone", "infer_det", "infer_seg"])
+def test_a_checkpoint_of_a_model_no_task_builds_is_named(checkpoints, shapes, tmp_path, capsys, tool):
+    loaded = torch.load(checkpoints["detection"], map_location="cpu", weights_only=True)
+    loaded["hyper_parameters"]["model"] = "mask_rcnn_r19_fpn"
+    path = tmp_path / "unknown.ckpt"
+    torch.save(loaded, path)
+    args = {"export_model": ["--format", "export"], "export_backbone": [str(tmp_path / "out.pth")]}
+    args = args.get(tool, [str(shapes.val_images), "--output", str(tmp_path / "out")])
+    assert _exit_status(load_tool(tool).main, [str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tool}: error: '{path}': unknown model 'mask_rcnn_r19_fpn'; closest: mask_rcnn_r18_fpn")
+    assert err.count("\n") == 1 and "(no task builds it)" in err
+    assert not (tmp_path / "out.pth").exists() and not (tmp_path / "out").exists()
 
 
 def _exit_status(main, argv: list[str]) -> int:
@@ -530,14 +565,26 @@ def test_training_tools_raise_errors_that_name_the_culprit(shapes, coco, tmp_pat
         assert message in str(error.value)
 
 
-def test_training_tool_refuses_a_checkpoint_of_another_task(shapes, checkpoints, tmp_path, capsys):
-    args = ["fit", *_shapes_args(shapes, "detection.data.ShapesDataModule"), *TRAIN_COMMON,
-            f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={checkpoints['segmentation']}"]  # fmt: skip
+@pytest.mark.parametrize(
+    "tool, data, task, other_tool",
+    [
+        ("train_det", "detection.data.ShapesDataModule", "segmentation", "tools/train_seg.py"),
+        ("train_seg", "segmentation.data.ShapesSegmentationDataModule", "classification", "tools/train_cls.py"),
+        ("train_cls", "backbones.classification.ShapesClassificationDataModule", "detection", "tools/train_det.py"),
+    ],
+)
+def test_training_tool_refuses_a_checkpoint_of_another_task(
+    shapes, checkpoints, tmp_path, capsys, monkeypatch, tool, data, task, other_tool
+):
+    monkeypatch.setattr("sys.argv", [f"tools/{tool}.py"])  # the tool's name in the message, as from a shell
+    args = ["validate", f"--data={data}", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={checkpoints[task]}"]
     with pytest.raises(SystemExit) as exit_:
-        train_det.main(args)
+        {"train_det": train_det, "train_seg": train_seg, "train_cls": train_cls}[tool].main(args)
     assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "does not accept option 'model.backbone'" in err and "Parsing of ckpt_path hyperparameters failed" in err
+    takes = {"train_det": "detection", "train_seg": "segmentation", "train_cls": "classification"}[tool]
+    assert capsys.readouterr().err == (
+        f"{tool}: error: '{checkpoints[task]}' is a {task} checkpoint, not a {takes} one; give it to {other_tool}\n"
+    )
 
 
 # ------------------------------------------------------------------------------ as a shell would see it

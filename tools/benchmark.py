@@ -45,29 +45,30 @@ from torchvision.models import segmentation as tvs
 import detection
 import segmentation.models
 from backbones import create_model
+from backbones.cli_utils import PRECISIONS, autocast, reports_errors
 from backbones.data.files import write_json
 from backbones.export import load_exported
 from backbones.fusion import prepare_for_inference
-from backbones.training.tools import PRECISIONS, autocast, reports_errors
+from backbones.tasks import task_of
 
-KINDS = {"resnet18": "cls", "resnet50": "cls", "resnet101": "cls", "faster_rcnn_r50_fpn": "det",
-         "mask_rcnn_r50_fpn": "det", "deeplabv3_r50": "seg"}  # fmt: skip
 TORCHVISION = {"resnet18": "resnet18", "resnet50": "resnet50", "resnet101": "resnet101",
                "faster_rcnn_r50_fpn": "fasterrcnn_resnet50_fpn", "mask_rcnn_r50_fpn": "maskrcnn_resnet50_fpn",
                "deeplabv3_r50": "deeplabv3_resnet50"}  # fmt: skip
-NUM_CLASSES = {"cls": 1000, "det": 91, "seg": 21}  # ImageNet, COCO (torchvision's 91 ids), VOC
+# The task of each model comes from the task registry (`task_of`); ImageNet, COCO (torchvision's 91 ids), VOC classes.
+NUM_CLASSES = {"classification": 1000, "detection": 91, "segmentation": 21}
 MODES = ("inference", "train", "data", "eval")
 SIDES = ("ours", "torchvision")
 
 
 def build_pair(name: str, image_size: int) -> tuple[str, torch.nn.Module, torch.nn.Module]:
     """(kind, ours, torchvision's) with the same random weights; from scratch: BatchNorm everywhere, all trainable."""
-    kind, num_classes = KINDS[name], NUM_CLASSES[KINDS[name]]
+    kind = task_of(name).name
+    num_classes = NUM_CLASSES[kind]
     torch.manual_seed(0)
-    if kind == "cls":
+    if kind == "classification":
         theirs = getattr(tvm, TORCHVISION[name])(weights=None, num_classes=num_classes)
         ours = create_model(name, num_classes=num_classes)
-    elif kind == "det":
+    elif kind == "detection":
         # score threshold 0: every image yields box_detections_per_img (100) detections, as a trained
         # model does on a busy image; random weights would otherwise give none, hiding the post-processing
         options = dict(min_size=image_size, max_size=image_size, box_score_thresh=0.0)
@@ -84,16 +85,16 @@ def build_pair(name: str, image_size: int) -> tuple[str, torch.nn.Module, torch.
 def make_batch(kind: str, batch_size: int, image_size: int, device: str, with_masks: bool):
     """(inputs, targets): random images, and random labels / boxes and masks / pixel classes."""
     g, size = torch.Generator().manual_seed(0), image_size
-    if kind != "det":
+    if kind != "detection":
         x = torch.randn(batch_size, 3, size, size, generator=g)
-        shape = (batch_size,) if kind == "cls" else (batch_size, size, size)
+        shape = (batch_size,) if kind == "classification" else (batch_size, size, size)
         return x.to(device), torch.randint(NUM_CLASSES[kind], shape, generator=g).to(device)
     images, targets = [], []
     for _ in range(batch_size):
         xy = torch.rand(3, 2, generator=g) * size * 0.6
         wh = (0.1 + 0.3 * torch.rand(3, 2, generator=g)) * size
         boxes = torch.cat([xy, (xy + wh).clamp(max=size)], 1).round()
-        target = {"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES["det"], (3,), generator=g)}
+        target = {"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES["detection"], (3,), generator=g)}
         if with_masks:
             masks = torch.zeros(3, size, size, dtype=torch.uint8)
             for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist(), strict=True):
@@ -109,7 +110,7 @@ def _channels_last(x):
 
 
 def _compile(model: torch.nn.Module, kind: str) -> torch.nn.Module:
-    if kind == "cls":
+    if kind == "classification":
         return torch.compile(model)
     model.backbone = torch.compile(model.backbone)  # body + FPN; the heads' control flow stays eager
     return model
@@ -145,10 +146,10 @@ def inference_steps(kind, ours, theirs, batch, args) -> dict:
 
 
 def _loss(kind, model, inputs, targets):
-    if kind == "det":
+    if kind == "detection":
         return sum(model(inputs, targets).values())
     out = model(inputs)
-    return F.cross_entropy(out["out"] if kind == "seg" else out, targets)
+    return F.cross_entropy(out["out"] if kind == "segmentation" else out, targets)
 
 
 def train_steps(kind, ours, theirs, batch, args) -> dict:
@@ -313,8 +314,8 @@ def run_models(args, modes) -> tuple[list[dict], dict, dict]:
         steps = (inference_steps if mode == "inference" else train_steps)(kind, ours, theirs, batch, args)
         seconds, outputs = time_interleaved(steps, args)
         if mode == "inference":  # a detector's FPN features: random weights tie its scores, so detections reorder
-            extra["output_compared"] = "FPN features" if kind == "det" else "outputs"
-            pair = [_fpn_features(steps[s][2], batch[0]) if kind == "det" else outputs[s] for s in SIDES]
+            extra["output_compared"] = "FPN features" if kind == "detection" else "outputs"
+            pair = [_fpn_features(steps[s][2], batch[0]) if kind == "detection" else outputs[s] for s in SIDES]
             extra["output_relative_difference"] = relative_difference(*pair)
         for side, (setup, _, _) in steps.items():
             median = statistics.median(seconds[side])
@@ -381,7 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=KINDS, default="resnet50")
+    parser.add_argument("--model", choices=TORCHVISION, default="resnet50")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224, help="square inputs (detection: min = max size)")

@@ -26,8 +26,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from backbones.cli_utils import reports_errors
 from backbones.data.files import write_json
-from backbones.training.tools import reports_errors
 from detection.evaluation import binarize_masks, encode_masks, evaluate_results, load_ground_truth, resolve_backend
 
 EVAL_IMAGE_SIZE = (480, 640)  # (H, W), COCO-like

@@ -21,8 +21,8 @@ import argparse
 import os
 import sys
 
+from backbones.cli_utils import reports_errors
 from backbones.data.files import write_json
-from backbones.training.tools import reports_errors
 from detection.evaluation import (
     BACKENDS,
     IOU_TYPES,

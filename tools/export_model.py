@@ -4,8 +4,8 @@
     python tools/export_model.py deeplabv3plus_r18 --weights deeplab.pth --format export --dynamic-batch --dynamic-size
     python tools/export_model.py faster_rcnn_r50_fpn --weights frcnn.pth --format onnx --output frcnn.onnx
 
-The source is a checkpoint of one of the three tasks (DetectionTask, SegmentationTask,
-ClassificationTask; built as trained, nothing downloaded) or a preset name with a `--weights` file.
+The source is a checkpoint of any task (`backbones.tasks`; built as trained, nothing downloaded) or a
+preset name with a `--weights` file; the task's `TaskExport` says what is exported and how it is checked.
 The exported model takes float RGB images in [0, 1], (N, 3, H, W), and normalizes (and for detectors
 resizes) them itself. The JSON beside it (`model.onnx` -> `model.onnx.json`) holds the normalization, the
 categories, the score thresholds and the output layout; `backbones.export.load_exported` runs either
@@ -19,167 +19,48 @@ what), 2 for bad input (a missing or foreign checkpoint, a bad option).
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from backbones.export import (
     FORMATS,
     ExportMismatch,
-    NormalizedModel,
-    base_metadata,
+    ExportSource,
+    TaskExport,
     check_export,
     check_images,
     load_exported,
     sidecar_path,
     write_exported,
 )
-from backbones.weights import WeightsError, load_checkpoint, load_task_checkpoint, read_state_dict
-from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
+from backbones.tasks import load_task, task_of
+from backbones.weights import read_state_dict
 
 # An export example with a 1x1 map at stride 32 makes torch.export specialize the size (1 is special).
 MIN_DYNAMIC_SIZE = 64
-DEFAULT_SIZES = {"classification": (224, 224), "segmentation": (512, 512), "detection": (480, 640)}
 
 
-@dataclass
-class Source:
-    """A model to export and what its metadata needs."""
-
-    task: str
-    architecture: str
-    model: nn.Module
-    num_classes: int
-    class_names: list[str] | None = None
-    label_to_category_id: dict[int, int] | None = None
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+def from_checkpoint(path: Path) -> ExportSource:
+    """Reads a checkpoint of any registered task (`weights_only`, nothing downloaded)."""
+    task = load_task(path, map_location="cpu").eval()
+    return adapter_of(task.hparams.model).source(task)
 
 
-def task_of(architecture: str) -> str:
-    """ "detection", "segmentation" or "classification" for a model name (a preset or an architecture)."""
-    import detection.models
-    import segmentation.models
-
-    if architecture in detection.models.PRESETS or architecture in detection.models.ARCHITECTURES:
-        return "detection"
-    if architecture in segmentation.models.PRESETS or architecture in segmentation.models.ARCHITECTURES:
-        return "segmentation"
-    return "classification"
-
-
-def from_checkpoint(path: Path) -> Source:
-    """Reads a Lightning checkpoint of one of the three tasks (`weights_only`, nothing downloaded)."""
-    checkpoint = load_checkpoint(path, "checkpoint")
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), str) or not hparams.get("num_classes"):
-        raise WeightsError(
-            f"{str(path)!r} has no task hyper-parameters (model, num_classes): not a checkpoint of "
-            "tools/train_det.py, train_seg.py or train_cls.py"
-        )
-    task_name = task_of(hparams["model"])
-    if task_name == "detection":
-        from detection.task import DetectionTask
-
-        task = load_task_checkpoint(DetectionTask, path, map_location="cpu").eval()
-        return Source(
-            "detection", hparams["model"], task.model, int(hparams["num_classes"]),
-            class_names=task.hparams.class_names, label_to_category_id=task.hparams.label_to_category_id,
-        )  # fmt: skip
-    if task_name == "segmentation":
-        from segmentation.task import SegmentationTask
-
-        task = load_task_checkpoint(SegmentationTask, path, map_location="cpu").eval()
-        hp = task.hparams
-        return Source(
-            "segmentation",
-            hp.model,
-            task.model,
-            int(hp.num_classes),
-            hp.class_names,
-            None,
-            tuple(hp.mean),
-            tuple(hp.std),
-        )
-    from backbones.classification import ClassificationTask
-
-    task = load_task_checkpoint(ClassificationTask, path, map_location="cpu").eval()
-    mean, std = tuple(task.hparams.mean), tuple(task.hparams.std)  # the task normalizes its [0, 1] input
-    return Source(
-        "classification",
-        hparams["model"],
-        task.eval_model,
-        int(hparams["num_classes"]),
-        task.hparams.class_names,
-        None,
-        mean,
-        std,
-    )
-
-
-def from_preset(name: str, weights: Path, num_classes: int | None) -> Source:
+def from_preset(name: str, weights: Path, num_classes: int | None) -> ExportSource:
     """Builds preset `name` with `weights` (a state dict or checkpoint file); the classes from the weights."""
-    task_name = task_of(name)
-    num_classes = num_classes or _classes_in(weights, task_name)
-    if task_name == "detection":
-        import detection
-
-        model = detection.build_model(name, num_classes=num_classes, weights=str(weights))
-    elif task_name == "segmentation":
-        import segmentation
-
-        model = segmentation.build_model(name, num_classes=num_classes, weights=str(weights))
-    else:
-        from backbones import create_model
-
-        model = create_model(name, num_classes=num_classes, weights=str(weights))
-    return Source(task_name, name, model.eval(), num_classes)
+    adapter = adapter_of(name)
+    if num_classes is None:
+        try:
+            num_classes = adapter.count_classes(read_state_dict(weights), repr(str(weights)))
+        except ValueError as error:
+            raise ValueError(f"{error}; pass --num-classes") from error
+    model = adapter.build(name, num_classes=num_classes, weights=str(weights))
+    return ExportSource(adapter.task, name, model.eval(), num_classes)
 
 
-_CLASS_KEYS = {
-    "detection": ("roi_heads.box_predictor.cls_score.weight",),
-    "segmentation": ("classifier.4.weight", "classifier.predictor.weight"),
-    "classification": ("fc.weight", "head.fc.weight", "classifier.weight", "head.weight"),
-}
-
-
-def _classes_in(weights: Path, task: str) -> int:
-    state = read_state_dict(weights)
-    for key, value in state.items():
-        if key.endswith(_CLASS_KEYS[task]):
-            return int(value.shape[0])
-    raise WeightsError(
-        f"{str(weights)!r}: no class layer ({', '.join(_CLASS_KEYS[task])}) to count classes; pass --num-classes"
-    )
-
-
-def exportable(source: Source) -> tuple[nn.Module, tuple[str, ...], dict[str, Any]]:
-    """The module to export (images in [0, 1] -> outputs), its output names and its metadata."""
-    if source.task == "detection":
-        from detection.export import ExportableRCNN, detection_metadata
-
-        module = ExportableRCNN(source.model).eval()
-        metadata = detection_metadata(
-            module, architecture=source.architecture, class_names=source.class_names,
-            label_to_category_id=source.label_to_category_id,
-        )  # fmt: skip
-        return module, module.output_names, metadata
-    if source.task == "segmentation":
-        from segmentation.export import OUTPUT_NAMES, exportable_segmenter, segmentation_metadata
-
-        metadata = segmentation_metadata(
-            architecture=source.architecture, num_classes=source.num_classes, class_names=source.class_names,
-            mean=source.mean, std=source.std,
-        )  # fmt: skip
-        return exportable_segmenter(source.model, source.mean, source.std), OUTPUT_NAMES, metadata
-    metadata = base_metadata(
-        task="classification", architecture=source.architecture, num_classes=source.num_classes,
-        class_names=source.class_names, mean=source.mean, std=source.std,
-    )  # fmt: skip
-    metadata["postprocess"] = "softmax over the logits gives the class probabilities"
-    return NormalizedModel(source.model, source.mean, source.std).eval(), ("logits",), metadata
+def adapter_of(model: str) -> TaskExport:
+    """The export adapter of the task that builds `model`."""
+    return task_of(model).export_adapter()
 
 
 def check_sizes(height: int, width: int, dynamic_size: bool) -> list[tuple[int, int]]:
@@ -189,13 +70,8 @@ def check_sizes(height: int, width: int, dynamic_size: bool) -> list[tuple[int, 
     return [(height, width), (width, height), (max(height * 3 // 4 + 5, 32), max(width + width // 5 + 3, 32))]
 
 
-def reference_of(source: Source, module: nn.Module):
-    """The eager model as the export is called: torchvision's detector itself, else the wrapped module."""
-    return source.model if source.task == "detection" else module
-
-
 def export_model(
-    source: Source,
+    source: ExportSource,
     output: Path,
     *,
     fmt: str,
@@ -205,14 +81,12 @@ def export_model(
     check: bool = True,
 ) -> dict[str, Any]:
     """Exports `source` to `output`, writes its JSON, and (with `check`) compares it with the eager model."""
-    if dynamic_batch and source.task == "detection":
-        raise ValueError(
-            "--dynamic-batch: detectors export with a batch of 1 (their per-image proposals and NMS run in a "
-            "Python loop over the batch); run images one at a time"
-        )
+    adapter = adapter_of(source.architecture)
+    if dynamic_batch and adapter.batch_error:
+        raise ValueError(f"--dynamic-batch: {adapter.batch_error}")
     import torch
 
-    module, output_names, metadata = exportable(source)
+    module, output_names, metadata = adapter.exportable(source)
     sizes = check_sizes(*image_size, dynamic_size)
     images = check_images(sizes, seed=0)
     example = torch.stack([images[0]] * (2 if dynamic_batch else 1))
@@ -221,7 +95,8 @@ def export_model(
         dynamic_size=dynamic_size,
     )  # fmt: skip
     if check:
-        check_export(reference_of(source, module), load_exported(output), images, task=source.task, batch=dynamic_batch)
+        reference = adapter.reference(source, module)
+        check_export(reference, load_exported(output), images, task=source.task, batch=dynamic_batch)
     return metadata
 
 
@@ -229,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a task checkpoint (.ckpt) or a preset name (with --weights)")
     parser.add_argument("--format", choices=tuple(FORMATS), required=True, help="export: .pt2 program; onnx: .onnx")
-    parser.add_argument("--dynamic-batch", action="store_true", help="any batch size (classifiers and DeepLab)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="any batch size (not detectors)")
     parser.add_argument("--dynamic-size", action="store_true", help="any image height and width")
     parser.add_argument("--output", type=Path, help="the model file (default: beside the source, or the preset's name)")
     parser.add_argument("--weights", type=Path, help="with a preset: its weights (state dict or checkpoint file)")
@@ -258,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             output = args.output or Path(args.source + suffix)
         if output.suffix != suffix:
             raise ValueError(f"--output {str(output)!r}: --format {args.format} writes a {suffix} file")
-        image_size = tuple(args.image_size or DEFAULT_SIZES[source.task])
+        image_size = tuple(args.image_size or adapter_of(source.architecture).default_size)
         smallest = MIN_DYNAMIC_SIZE if args.dynamic_size else 32
         if min(image_size) < smallest:
             raise ValueError(

@@ -24,21 +24,20 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from backbones.cli_utils import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.data.files import list_images, write_image, write_json
 from backbones.data.images import read_rgb_image
 from backbones.export import EXPORTED_SUFFIXES, load_exported
 from backbones.fusion import prepare_for_inference
-from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
-from backbones.weights import load_task_checkpoint
+from backbones.tasks import load_task
 from detection.evaluation import to_coco_results
-from detection.task import DetectionTask
 
 MASK_THRESHOLD = 0.5  # as COCOEvaluator's
 IOU_TYPES = {False: ("bbox",), True: ("bbox", "segm")}  # without, with masks
@@ -62,7 +61,7 @@ def load_model(
     if Path(checkpoint).suffix in EXPORTED_SUFFIXES:
         model = load_exported(checkpoint)
         return Detector(model, model.class_names, model.label_to_category_id, IOU_TYPES[model.has_masks])
-    task = load_task_checkpoint(DetectionTask, checkpoint, map_location=device)
+    task = load_task(checkpoint, task="detection", tool="tools/infer_det.py", map_location=device)
     model = prepare_for_inference(
         task.model.to(device), fuse=fuse, channels_last=fuse, compile_backbone=compile_backbone
     )
@@ -123,22 +122,47 @@ def detect_batch(
     return results
 
 
-def image_ids_for(images: list[Path], annotations: str | None) -> list[int]:
-    """1, 2, ... in the order of `images`, or the ids the COCO file `annotations` gives their file names."""
+def image_ids_for(images: list[Path], annotations: str | None, root: Path | None = None) -> list[int]:
+    """1, 2, ... in the order of `images`, or the ids the COCO file `annotations` gives their file names.
+
+    An image is found by its path relative to `root` (the source folder), as a COCO `file_name` is
+    written (`a/0001.jpg`); a file name without a folder matches by base name, which must then be unique
+    among the images (`a/0001.jpg` and `b/0001.jpg` would share one id).
+    """
     if annotations is None:
         return list(range(1, len(images) + 1))
     try:
         entries = json.loads(Path(annotations).read_text())["images"]
-        by_name = {Path(im["file_name"]).name: im["id"] for im in entries}
+        by_path = {PurePosixPath(im["file_name"]).as_posix(): im["id"] for im in entries}
     except json.JSONDecodeError as error:
         where = f"line {error.lineno}, column {error.colno}"
         raise ValueError(f"{annotations}: invalid JSON at {where}: {error.msg}") from error
     except (KeyError, TypeError) as error:
         raise ValueError(f"{annotations}: not a COCO file with 'images' entries of 'id' and 'file_name'") from error
-    missing = [p.name for p in images if p.name not in by_name]
+    relative = [_relative(image, root) for image in images]
+    ids, missing = [], []
+    for image, path in zip(images, relative, strict=True):
+        if path in by_path:
+            ids.append(by_path[path])
+        elif image.name in by_path:  # the JSON names base names only: they must be unique among the images
+            clashes = [other for other, p in zip(images, relative, strict=True) if other.name == image.name]
+            if len(clashes) > 1:
+                raise ValueError(
+                    f"{annotations}: file_name {image.name!r} (a base name) matches {len(clashes)} images: "
+                    f"{', '.join(map(str, clashes[:3]))}; give file names relative to the image folder"
+                )
+            ids.append(by_path[image.name])
+        else:
+            missing.append(path)
     if missing:
         raise ValueError(f"{annotations}: no image entry for {', '.join(missing[:5])}")
-    return [by_name[p.name] for p in images]
+    return ids
+
+
+def _relative(image: Path, root: Path | None) -> str:
+    if root is None or not root.is_dir():
+        return image.name
+    return image.relative_to(root).as_posix()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -162,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     images = list_images(args.source, recursive=args.recursive, exclude=args.output)
     pictures = output_paths(images, args.source, args.output, ".jpg")
-    image_ids = image_ids_for(images, args.annotations)
+    image_ids = image_ids_for(images, args.annotations, args.source)
     detector = load_model(args.checkpoint, args.device, fuse=not args.no_fuse, compile_backbone=args.compile)
     results = []
     rate = for_each_batch(

@@ -36,16 +36,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from backbones.cli_utils import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.data.files import list_images, write_image
 from backbones.data.images import read_rgb_image
 from backbones.export import EXPORTED_SUFFIXES, load_exported
 from backbones.fusion import prepare_for_inference
-from backbones.training.tools import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
-from backbones.weights import load_task_checkpoint
+from backbones.tasks import load_task
 from segmentation.benchmark_datasets import train_ids_to_label_ids
 from segmentation.label_tables import CITYSCAPES_CLASSES, class_palette
 from segmentation.label_tables import voc_palette as palette  # noqa: F401 (the tool's colour map, kept by name)
-from segmentation.task import SegmentationTask
 
 BACKGROUND_NAMES = ("__background__", "background")
 
@@ -67,7 +66,7 @@ def load_model(
     if Path(checkpoint).suffix in EXPORTED_SUFFIXES:
         model = load_exported(checkpoint)
         return Segmenter(model, model.class_names)
-    task = load_task_checkpoint(SegmentationTask, checkpoint, map_location=device)  # downloads nothing
+    task = load_task(checkpoint, task="segmentation", tool="tools/infer_seg.py", map_location=device)  # no download
     prepare_for_inference(task.model, fuse=fuse, channels_last=fuse, compile_backbone=compile_backbone)
     names = task.hparams.class_names or [str(i) for i in range(task.hparams.num_classes)]
     return Segmenter(task.to(device).eval(), list(names))

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones import create_model
-from backbones.training.tools import reports_errors
+from backbones.cli_utils import reports_errors
 
 
 def count(name: str, *, image_size: int = 224, **kwargs) -> tuple[float, float]:

@@ -1,28 +1,35 @@
 """ImageNet-style classification pretraining: image-folder data, a synthetic dataset and the Lightning task.
 
-Imports Lightning, so `backbones` itself does not import this package.
+The task and the data import Lightning and OpenCV: they load on first use, so registering the task
+(`backbones.tasks`) and its export (`.export`) import neither.
 """
 
-from .data import (
-    ImageFileError,
-    ImageFolder,
-    ImageFolderDataModule,
-    ImageFolderError,
-    ShapesClassificationDataModule,
-    read_rgb_image,
-)
-from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
-from .task import ClassificationTask
+from backbones.lazy import lazy_exports
+from backbones.tasks import TaskEntry, register_task
 
-__all__ = [
-    "SHAPES_CLASSIFICATION_CLASSES",
-    "ClassificationTask",
-    "ImageFileError",
-    "ImageFolder",
-    "ImageFolderDataModule",
-    "ImageFolderError",
-    "ShapesClassificationDataModule",
-    "generate_shapes_classification",
-    "read_rgb_image",
-    "shapes_classification_root",
-]
+TASK = register_task(
+    TaskEntry(
+        name="classification",
+        task="backbones.classification.task:ClassificationTask",
+        models=("backbones.registry:list_backbones",),
+        export="backbones.classification.export:ClassificationExport",
+        train_tool="tools/train_cls.py",
+        prefixes=("timm/",),
+    )
+)
+
+_MACHINERY = {
+    "ClassificationTask": ".task",
+    "ImageFileError": ".data",
+    "ImageFolder": ".data",
+    "ImageFolderDataModule": ".data",
+    "ImageFolderError": ".data",
+    "SHAPES_CLASSIFICATION_CLASSES": ".synthetic",
+    "ShapesClassificationDataModule": ".data",
+    "generate_shapes_classification": ".synthetic",
+    "read_rgb_image": ".data",
+    "shapes_classification_root": ".synthetic",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _MACHINERY)
+
+__all__ = ["TASK", *_MACHINERY]

@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from backbones.registry import UnknownNameError
+from backbones.tasks import get_task, list_tasks, read_task_checkpoint
+from backbones.weights import WeightsError
 
 
 class _CLI(LightningCLI):
@@ -35,6 +37,24 @@ class _CLI(LightningCLI):
             )
 
     before_fit = before_validate = before_test = before_predict = _resolve_last
+
+    def _parse_ckpt_path(self) -> None:
+        """Before Lightning parses a checkpoint's hyper-parameters as this task's: one of another task is
+        named as what it is, with the tool that takes it."""
+        subcommand = self.config.get("subcommand")
+        path = subcommand and self.config[subcommand].get("ckpt_path")
+        if path and Path(path).is_file():
+            try:
+                entry, _ = read_task_checkpoint(path)
+            except WeightsError:  # not a task checkpoint: Lightning's own load reports it
+                entry = None
+            ours = f"{self.model_class.__module__}:{self.model_class.__qualname__}"
+            if entry is not None and entry.task != ours:
+                task = next((e.name for e in map(get_task, list_tasks()) if e.task == ours), ours)
+                message = f"{path!r} is a {entry.name} checkpoint, not a {task} one; give it to {entry.train_tool}"
+                print(f"{Path(sys.argv[0]).stem}: error: {message}", file=sys.stderr)
+                raise SystemExit(2)
+        super()._parse_ckpt_path()
 
 
 def find_last_checkpoint(trainer: L.Trainer) -> Path | None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import boxes as box_ops
 
-from backbones.export import check_export, check_images, load_exported, write_exported
+from backbones.export import ExportMismatch, check_export, check_images, load_exported, write_exported
 from detection.export import ExportableRCNN, batched_nms, detection_metadata
 from detection.models import build_model
 
@@ -127,3 +127,35 @@ def test_an_image_without_detections_runs_through_the_export(tmp_path):
     with torch.no_grad():
         assert [len(p["boxes"]) for p in model(images)] == [0, 0]
         assert [len(p["boxes"]) for p in load_exported(path)(images)] == [0, 0]
+
+
+def _detections(boxes, labels, scores, masks=None):
+    result = {"boxes": torch.tensor(boxes), "labels": torch.tensor(labels), "scores": torch.tensor(scores)}
+    if masks is not None:
+        result["masks"] = masks
+    return result
+
+
+def test_check_export_matches_detections_in_any_order_with_tied_scores():
+    # a saturated model: tied scores, so the eager model and the export may list the same set in another order
+    boxes = [[0.0, 0.0, 10.0, 10.0], [200.0, 100.0, 300.0, 240.0], [50.0, 60.0, 90.0, 99.0], [1.0, 1.0, 11.0, 9.0]]
+    labels, scores = [1, 2, 1, 1], [1.0, 1.0, 1.0, 1.0]
+    masks = torch.zeros(4, 1, 256, 320)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes, strict=True):
+        mask[:, int(y1) : int(y2), int(x1) : int(x2)] = 0.9
+    expected = _detections(boxes, labels, scores, masks)
+    order = [2, 0, 3, 1]
+    shuffled = {key: value[order] for key, value in expected.items()}
+    image = torch.rand(3, 256, 320)
+    check_export(lambda _: [expected], lambda _: [shuffled], [image], task="detection")  # the same set: no error
+
+    moved = {key: value.clone() for key, value in shuffled.items()}
+    moved["boxes"][1, 0] += 5.0  # one box of the same set moved by 5 px
+    with pytest.raises(ExportMismatch, match=r"boxes differ by 5 px"):
+        check_export(lambda _: [expected], lambda _: [moved], [image], task="detection")
+    relabelled = dict(shuffled, labels=torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(ExportMismatch, match=r"labels \[1, 1, 1, 1\], the eager model's \[1, 2, 1, 1\]"):
+        check_export(lambda _: [expected], lambda _: [relabelled], [image], task="detection")
+    rescored = dict(shuffled, scores=torch.tensor([1.0, 1.0, 0.5, 1.0]))
+    with pytest.raises(ExportMismatch, match=r"scores differ by 0\.5"):
+        check_export(lambda _: [expected], lambda _: [rescored], [image], task="detection")

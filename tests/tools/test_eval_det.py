@@ -6,6 +6,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,13 +164,23 @@ def test_unknown_backend_is_a_usage_error(files):
     assert completed.returncode == 2 and "invalid choice: 'detectron2'" in completed.stderr
 
 
-def test_empty_results_give_zeros_with_a_warning(files, tmp_path):
+def test_empty_results_give_zeros_with_a_warning_and_no_lightning(files, tmp_path):
     gt_path, _, _ = files
     output = tmp_path / "metrics.json"
-    completed = run_tool("--annotations", gt_path, "--results", _write(tmp_path / "empty.json", []), "--output", output)
+    args = ["--annotations", gt_path, "--results", _write(tmp_path / "empty.json", []), "--output", output]
+    # the tool run as a script; at exit it prints which training machinery it imported: pure COCO scoring needs none
+    code = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('imported:', [m for m in ('lightning',) if m in sys.modules]))\n"
+        f"sys.argv = ['tools/eval_det.py', *{[str(a) for a in args]!r}]\n"
+        "runpy.run_path('tools/eval_det.py', run_name='__main__')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(loader.ROOT)}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=loader.ROOT, env=env)
     assert completed.returncode == 0, completed.stderr
     assert "no detections to evaluate" in completed.stderr
     assert set(json.loads(output.read_text())["metrics"].values()) == {0.0}
+    assert completed.stdout.strip().splitlines()[-1] == "imported: []"
 
 
 # ------------------------------------------------------------------ --report

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -13,7 +15,17 @@ import torch
 
 from backbones import create_model
 from backbones.classification import ClassificationTask, ShapesClassificationDataModule
-from backbones.export import ExportMismatch, check_export, check_images, load_exported, sidecar_path
+from backbones.export import (
+    ExportMismatch,
+    NormalizedModel,
+    base_metadata,
+    check_export,
+    check_images,
+    load_exported,
+    sidecar_path,
+    write_exported,
+)
+from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
 from segmentation.data import ShapesSegmentationDataModule
@@ -298,3 +310,20 @@ def test_detection_checkpoint_to_an_export_that_infer_det_runs(tmp_path, fmt):
     for a, b in zip(eager, ours, strict=True):
         assert a["category_id"] == b["category_id"] and a["segmentation"] == b["segmentation"]
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2) and a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_exported_files_get_the_umask_permissions_as_other_tools_outputs(tmp_path):
+    module = NormalizedModel(torch.nn.Conv2d(3, 2, 1), IMAGENET_MEAN, IMAGENET_STD).eval()
+    metadata = base_metadata(
+        task="classification", architecture="conv", num_classes=2, class_names=None, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )  # fmt: skip
+    output = tmp_path / "conv.pt2"
+    previous = os.umask(0o022)
+    try:
+        write_exported(module, torch.rand(1, 3, 8, 8), output, metadata=metadata, output_names=["logits"])
+    finally:
+        os.umask(previous)
+    for path in (output, sidecar_path(output)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # 0666 less the umask, not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.pt2", "conv.pt2.json"]  # no temporary left

@@ -189,3 +189,24 @@ def test_runs_as_a_script_with_a_rate_and_one_error_line(checkpoint, tmp_path):
     failed = run_tool("infer_det", path, tmp_path / "nowhere", "--output", tmp_path / "out")
     assert failed.returncode == 2
     assert failed.stderr == f"infer_det: error: {tmp_path / 'nowhere'}: no such image or folder\n"
+
+
+def test_annotations_match_images_by_their_path_under_the_folder(tmp_path):
+    images = [tmp_path / "a" / "0001.jpg", tmp_path / "b" / "0001.jpg", tmp_path / "b" / "0002.jpg"]
+    for image in images:
+        image.parent.mkdir(exist_ok=True)
+        image.touch()
+    annotations = tmp_path / "instances.json"
+    entries = [{"id": i, "file_name": name} for i, name in ((7, "b/0001.jpg"), (3, "a/0001.jpg"), (9, "b/0002.jpg"))]
+    annotations.write_text(json.dumps({"images": entries}))
+    assert infer_det.image_ids_for(images, str(annotations), tmp_path) == [3, 7, 9]
+
+    # base names only: a unique one still matches, a repeated one cannot tell its images apart
+    annotations.write_text(json.dumps({"images": [{"id": 5, "file_name": "0002.jpg"}]}))
+    assert infer_det.image_ids_for(images[2:], str(annotations), tmp_path) == [5]
+    annotations.write_text(json.dumps({"images": [{"id": 1, "file_name": "0001.jpg"}, *entries[2:]]}))
+    with pytest.raises(ValueError, match=r"file_name '0001.jpg' \(a base name\) matches 2 images: .*a/0001.jpg"):
+        infer_det.image_ids_for(images, str(annotations), tmp_path)
+    annotations.write_text(json.dumps({"images": entries[2:]}))
+    with pytest.raises(ValueError, match=r"no image entry for a/0001.jpg, b/0001.jpg"):
+        infer_det.image_ids_for(images, str(annotations), tmp_path)

@@ -1,4 +1,4 @@
-"""backbones.training.tools: what the command-line tools share."""
+"""backbones.cli_utils: what the command-line tools share."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbones.training.tools import (
+from backbones.cli_utils import (
     EXIT_BAD_INPUT,
     add_inference_arguments,
     autocast,
