@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import urllib.error
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ __all__ = [
     "WEIGHTS",
     "WeightsError",
     "WeightsSpec",
+    "checkpoint_holds_weights",
+    "class_layer_prefixes",
+    "count_classes",
     "fetch_weights",
     "load_checkpoint",
     "load_state_dict",
@@ -53,6 +57,40 @@ def weights_from_checkpoint():
         yield
     finally:
         _CHECKPOINT_HOLDS_WEIGHTS.reset(token)
+
+
+def checkpoint_holds_weights() -> bool:
+    """Whether the code runs inside `weights_from_checkpoint()`: the checkpoint about to be loaded is the truth,
+    also for the number of classes (a weights tag fetches nothing and decides nothing)."""
+    return _CHECKPOINT_HOLDS_WEIGHTS.get()
+
+
+def class_layer_prefixes(class_layers: Sequence[str]) -> tuple[str, ...]:
+    """The state-dict key prefixes of the class layers (`load_state_dict`'s `head_prefixes`).
+
+    Example:
+        >>> class_layer_prefixes(("fc", "head.fc"))
+        ('fc.', 'head.fc.')
+    """
+    return tuple(f"{layer}." for layer in class_layers)
+
+
+def count_classes(state_dict: Mapping[str, Tensor], class_layers: Sequence[str]) -> int | None:
+    """The number of classes of `state_dict`: the rows of the weight of the first of `class_layers` it holds.
+
+    Keys match by suffix, so a Lightning checkpoint's (`model.fc.weight`) counts as a plain one's
+    (`fc.weight`). None: no class layer found.
+
+    Example:
+        >>> count_classes({"model.fc.weight": torch.zeros(10, 512)}, ("fc", "head.fc"))
+        10
+    """
+    for layer in class_layers:
+        suffix = f"{layer}.weight"
+        for key, value in state_dict.items():
+            if key == suffix or key.endswith("." + suffix):
+                return int(value.shape[0])
+    return None
 
 
 def cache_dir() -> Path:

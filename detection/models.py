@@ -28,10 +28,14 @@ from torchvision.ops import MultiScaleRoIAlign
 from backbones import create_backbone, get_norm_layer, load_weights
 from backbones.fpn import FPN
 from backbones.registry import backbone_options, check_name, check_options
+from backbones.weights import class_layer_prefixes
 
 from .weights_table import DETECTION_WEIGHTS
 
-__all__ = ["ARCHITECTURES", "HEADS", "NECKS", "PRESETS", "TORCHVISION_OPTIONS", "build_model", "check_build_args"]
+__all__ = [
+    "ARCHITECTURES", "CLASS_LAYERS", "HEADS", "NECKS", "PRESETS", "TORCHVISION_OPTIONS", "build_model",
+    "check_build_args",
+]  # fmt: skip
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn")
 NECKS = ("fpn", "dc5")
@@ -76,8 +80,11 @@ TORCHVISION_OPTIONS = frozenset(
 # backbone options the detector sets itself (`norm` and `frozen_stages` are build_model's own)
 _SET_BY_BUILDER = frozenset({"features_only", "num_classes", "out_indices", "output_stride", "norm", "frozen_stages"})
 
-# Keys of the class-specific layers: left as initialised when a checkpoint has another number of classes.
-HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+#: the class-specific layers (module names): left as initialised when a checkpoint has another number of
+#: classes (`fresh_heads`); the first one's weight has a row per class
+CLASS_LAYERS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
+                "roi_heads.mask_predictor.mask_fcn_logits")  # fmt: skip
+HEAD_PREFIXES = class_layer_prefixes(CLASS_LAYERS)
 
 
 class Float32BoxCoder(BoxCoder):
@@ -216,7 +223,7 @@ def build_model(
         roi_sampling_ratio: bilinear samples per RoIAlign bin side (torchvision's 2; 0 = adaptive).
         resize_in_training: False when the data pipeline has already resized training images.
         fresh_heads: with `weights` of another number of classes, load everything but the
-            class-specific layers (`HEAD_PREFIXES`), which keep their fresh initialisation
+            class-specific layers (`CLASS_LAYERS`), which keep their fresh initialisation
             (fine-tuning, e.g. from COCO to a new dataset); without it such weights are an error.
         backbone_kwargs: more options of the backbone (`backbones.registry.backbone_options(name)`).
         **overrides: passed to torchvision's FasterRCNN/MaskRCNN: one of `TORCHVISION_OPTIONS`

@@ -22,12 +22,14 @@ from torch.nn import functional as F
 
 from backbones import create_backbone, load_weights
 from backbones.registry import backbone_options, check_name, check_options
+from backbones.weights import class_layer_prefixes
 
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
 from .weights_table import SEGMENTATION_WEIGHTS
 
 __all__ = [
-    "ARCHITECTURES", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model", "check_build_args",
+    "ARCHITECTURES", "CLASS_LAYERS", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model",
+    "check_build_args",
 ]  # fmt: skip
 
 ARCHITECTURES = ("deeplabv3", "deeplabv3plus")
@@ -38,8 +40,10 @@ PRESETS: dict[str, dict[str, str]] = {
     for depth in (18, 50, 101)
 }
 
-# The class-specific layers: left as initialised by `fresh_heads` when a checkpoint has other classes.
-HEAD_PREFIXES = ("classifier.4.", "classifier.predictor.", "aux_classifier.4.")
+#: the class-specific layers (module names) of DeepLabV3, V3+ and the aux head: left as initialised by
+#: `fresh_heads` when a checkpoint has other classes; each one's weight has a row per class
+CLASS_LAYERS = ("classifier.4", "classifier.predictor", "aux_classifier.4")
+HEAD_PREFIXES = class_layer_prefixes(CLASS_LAYERS)
 
 
 def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
