@@ -26,6 +26,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import create_backbone, get_norm_layer, load_weights
+from backbones.features import FeatureInfo
 from backbones.fpn import FPN
 from backbones.registry import backbone_options, check_name, check_options
 from backbones.weights import class_layer_prefixes
@@ -165,10 +166,21 @@ def _neck(
     return module, roi_features
 
 
-def _anchors(num_levels: int, sizes: Sequence[int] | None, ratios: Sequence[float]) -> AnchorGenerator:
-    sizes = tuple(sizes or (32, 64, 128, 256, 512))
+#: anchor side per unit of feature stride: 32 px on the stride-4 map up to 512 px on stride 64 (FPN paper)
+ANCHOR_SIZE_PER_STRIDE = 8
+#: the anchor sides of a single map (DC5): the FPN's five, all on that map (detectron2's DC5)
+SINGLE_MAP_ANCHOR_SIZES = (32, 64, 128, 256, 512)
+
+
+def _anchors(
+    feature_info: Sequence[FeatureInfo], sizes: Sequence[int] | None, ratios: Sequence[float]
+) -> AnchorGenerator:
+    """One anchor size per pyramid level (default: 8x the level's stride, read from `feature_info`), or every
+    size on a single map."""
+    num_levels = len(feature_info)
     if num_levels == 1:  # every size on the single C5 map
-        return AnchorGenerator((sizes,), (tuple(ratios),))
+        return AnchorGenerator((tuple(sizes or SINGLE_MAP_ANCHOR_SIZES),), (tuple(ratios),))
+    sizes = tuple(sizes or (ANCHOR_SIZE_PER_STRIDE * info.stride for info in feature_info))
     if len(sizes) != num_levels:
         raise ValueError(f"anchor_sizes={sizes}: give one size per pyramid level ({num_levels})")
     return AnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * num_levels)
@@ -221,6 +233,9 @@ def build_model(
         box_head_dim: width of the box head's fully connected layers (1024, detectron2's FC_DIM).
         mask_head_convs: 3x3 convs of the mask head before its upsampling (4, detectron2's NUM_CONV).
         roi_sampling_ratio: bilinear samples per RoIAlign bin side (torchvision's 2; 0 = adaptive).
+        anchor_sizes: one anchor side per pyramid level, default 8x the level's stride from the neck's
+            `feature_info` (32 to 512 on p2 to p6); with dc5 every size on the one map (default 32 to 512).
+        aspect_ratios: anchor height/width ratios, at every level.
         resize_in_training: False when the data pipeline has already resized training images.
         fresh_heads: with `weights` of another number of classes, load everything but the
             class-specific layers (`CLASS_LAYERS`), which keep their fresh initialisation
@@ -252,8 +267,7 @@ def build_model(
             fpn_channels=fpn_channels,
             backbone_kwargs=backbone_kwargs or {},
         )
-    num_levels = len(body.feature_info)
-    anchor_generator = _anchors(num_levels, anchor_sizes, aspect_ratios)
+    anchor_generator = _anchors(body.feature_info, anchor_sizes, aspect_ratios)
     channels = body.out_channels
     head_channels = fpn_channels if head_channels is None else head_channels
     parts: dict[str, Any] = dict(

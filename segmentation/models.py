@@ -158,7 +158,8 @@ def build_model(
         backbone: any registered backbone or `timm/<model>`, overriding the preset's.
         norm, frozen_stages: the backbone's norm and frozen stages (segmentation trains BN: "bn", -1).
         multi_grid: dilation multipliers of the last stage's blocks, e.g. (1, 2, 4).
-        atrous_rates: ASPP rates; default (12, 24, 36) at output stride 8, (6, 12, 18) at 16.
+        atrous_rates: ASPP rates; default by the deepest features' stride (`feature_info[-1].stride`):
+            (12, 24, 36) at 8, (6, 12, 18) at 16, (3, 6, 9) at 32.
         aspp_channels: channels of ASPP and of the V3 head (256 in the paper and torchvision).
         decoder_channels: channels of the V3+ decoder's two 3x3 convs (256 in the paper).
         separable: depthwise-separable convs in ASPP and the V3+ decoder.
@@ -187,7 +188,7 @@ def build_model(
         )  # fmt: skip
     shapes = body.output_shape()
     deep = body.feature_info[-1]
-    rates = atrous_rates_for(output_stride, atrous_rates)
+    rates = atrous_rates_for(deep.stride, atrous_rates)  # the backbone's own stride, dilation included
     aux_classifier = FCNHead(shapes["c4"].channels, num_classes) if aux_loss else None
     if plus:
         head = DeepLabV3PlusHead(

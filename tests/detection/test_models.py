@@ -124,6 +124,17 @@ def test_dc5_is_detectron2s_dc5():
     assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (6000, 1000)
 
 
+def test_anchor_sizes_follow_the_pyramid_strides(backbone="resnet18"):
+    tiny = dict(num_classes=3, fpn_channels=8, box_head_dim=8)
+    fpn = build_model("faster_rcnn", backbone=backbone, neck="fpn", **tiny)
+    assert [info.stride for info in fpn.backbone.feature_info] == [4, 8, 16, 32, 64]
+    assert fpn.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))  # torchvision's, 8x each stride
+    dc5 = build_model("faster_rcnn", backbone=backbone, neck="dc5", **tiny)
+    assert dc5.rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),)  # detectron2's DC5: all on the one map
+    given = build_model("faster_rcnn", backbone=backbone, neck="fpn", anchor_sizes=[8, 16, 32, 64, 128], **tiny)
+    assert given.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+
+
 def test_dc5_proposal_counts_yield_to_the_users():
     model = build_model("faster_rcnn", backbone="resnet18", neck="dc5", num_classes=3, rpn_pre_nms_top_n_test=300)
     model.eval()
