@@ -29,7 +29,7 @@ from backbones import create_backbone, get_norm_layer, load_weights
 from backbones.features import FeatureInfo
 from backbones.fpn import FPN
 from backbones.registry import backbone_options, check_name, check_options
-from backbones.weights import class_layer_prefixes
+from backbones.weights import builder_num_classes, class_layer_prefixes
 
 from .weights_table import DETECTION_WEIGHTS
 
@@ -189,7 +189,7 @@ def _anchors(
 def build_model(
     name: str,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     weights: str | None = None,
     backbone_weights: str | None = None,
     backbone: str | None = None,
@@ -215,7 +215,8 @@ def build_model(
 
     Args:
         name: a preset (`PRESETS`) or an architecture, "faster_rcnn" or "mask_rcnn".
-        num_classes: including the background class, as in torchvision.
+        num_classes: including the background class, as in torchvision; None: the `weights` tag's (91 for
+            the `*.tv_coco` tags), as torchvision's `weights=`. A value other than the tag's needs `fresh_heads`.
         weights: a whole-detector checkpoint: a tag (`detection.weights_table.DETECTION_WEIGHTS`,
             e.g. `faster_rcnn_r50_fpn.tv_coco`), a file (torchvision's or our Lightning checkpoint) or a URL.
         backbone_weights: ImageNet weights for the backbone (a tag such as `resnet50.tv_in1k`, a file or URL).
@@ -245,6 +246,9 @@ def build_model(
             (min_size, max_size, rpn_pre_nms_top_n_train, box_batch_size_per_image,
             box_detections_per_img, ...); any other name is an error naming the closest.
     """
+    num_classes = builder_num_classes(
+        num_classes, weights, DETECTION_WEIGHTS, fresh_heads=fresh_heads, where="detection.weights_table"
+    )  # the tag's unless given
     settings = check_build_args(name, dict(overrides, backbone=backbone, backbone_kwargs=backbone_kwargs))
     settings.update({k: v for k, v in dict(backbone=backbone, neck=neck, head=head).items() if v is not None})
     neck_name = _choice(settings["neck"], NECKS, "neck")
@@ -298,6 +302,7 @@ def build_model(
 
 
 BUILD_OPTIONS = frozenset(inspect.signature(build_model).parameters) - {"name", "overrides"}
+
 _WHERE = "detection.build_model's arguments and detection.models.TORCHVISION_OPTIONS"
 
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from backbones import create_backbone, load_weights
 from backbones.registry import backbone_options, check_name, check_options
-from backbones.weights import class_layer_prefixes
+from backbones.weights import builder_num_classes, class_layer_prefixes
 
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
 from .weights_table import SEGMENTATION_WEIGHTS
@@ -128,7 +128,7 @@ def check_build_args(name: str, options: Mapping[str, Any] | None = None) -> dic
 def build_model(
     name: str,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     weights: str | None = None,
     backbone_weights: str | None = None,
     output_stride: int = 8,
@@ -149,7 +149,8 @@ def build_model(
     Args:
         name: a preset (`PRESETS`: `deeplabv3_r50`, `deeplabv3plus_r101`, ...) or an architecture,
             "deeplabv3" or "deeplabv3plus" (ResNet-50 unless `backbone` says otherwise).
-        num_classes: output classes, background included.
+        num_classes: output classes, background included; None: the `weights` tag's (21 for the
+            `*.tv_coco_voc` tags). A value other than the tag's needs `fresh_heads`.
         weights: a whole-model checkpoint: a tag of `SEGMENTATION_WEIGHTS` (e.g.
             `deeplabv3_r50.tv_coco_voc`), a file (torchvision's, or our Lightning checkpoint) or a URL.
         backbone_weights: ImageNet weights for the backbone (`resnet50.tv_in1k`, a file or a URL).
@@ -173,6 +174,9 @@ def build_model(
         >>> model(torch.randn(1, 3, 65, 65))["out"].shape
         torch.Size([1, 4, 65, 65])
     """
+    num_classes = builder_num_classes(
+        num_classes, weights, SEGMENTATION_WEIGHTS, fresh_heads=fresh_heads, where="segmentation.weights_table"
+    )  # the tag's unless given
     settings = check_build_args(name, dict(overrides, backbone=backbone))
     plus = settings["architecture"] == "deeplabv3plus"
     out_indices = (1,) if plus else ()

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from backbones.weights import checkpoint_holds_weights
+from backbones.weights import num_classes_of_weights
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec
 
 from .distributed import prepare_task_model
@@ -213,15 +213,9 @@ class TrainingTask(L.LightningModule):
         hp = self.hparams
         kept = self.class_layer_tag()
         if kept is not None:
-            argument, tag, spec = kept
-            if hp.num_classes is None:
-                hp.num_classes = spec.num_classes
-            elif int(hp.num_classes) != spec.num_classes and not checkpoint_holds_weights():
-                raise ValueError(
-                    f"num_classes={hp.num_classes}, but the {argument} {tag!r} ({spec.source}) have "
-                    f"num_classes={spec.num_classes}; drop num_classes to use theirs, or set fresh_heads: true to "
-                    "train the class layers anew for another number of classes"
-                )
+            argument, tag, _ = kept
+            table = self.weights_tables[argument]
+            hp.num_classes = num_classes_of_weights(hp.num_classes, tag, table, argument=argument)
         tags = self.weights_tags()
         for name, imagenet in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
             given = hp[name]

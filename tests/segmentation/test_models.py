@@ -123,6 +123,18 @@ def test_deepest_stride_without_default_rates_asks_for_them():
     assert atrous_rates_for(64, (1, 2)) == (1, 2)
 
 
+def test_weights_tag_gives_num_classes():
+    from backbones.weights import weights_from_checkpoint
+
+    with weights_from_checkpoint():  # the architecture only: nothing is fetched
+        model = build_model("deeplabv3_r18", weights="deeplabv3_r50.tv_coco_voc", aspp_channels=8)
+    assert model.classifier[4].out_channels == 21
+    with pytest.raises(ValueError, match=r"num_classes=4, but the weights 'deeplabv3_r50.tv_coco_voc' .*=21"):
+        build_model("deeplabv3_r18", num_classes=4, weights="deeplabv3_r50.tv_coco_voc")
+    with pytest.raises(ValueError, match=r"not given and weights=None is no tag of segmentation.weights_table"):
+        build_model("deeplabv3_r18")
+
+
 def test_multi_grid_reaches_the_last_stage():
     model = build_model("deeplabv3_r50", num_classes=3, output_stride=16, multi_grid=(1, 2, 4))
     dilations = [block.conv2.dilation[0] for block in model.backbone.layer4]
