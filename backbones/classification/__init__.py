@@ -12,9 +12,10 @@ from .data import (
     read_rgb_image,
 )
 from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
-from .task import ClassificationTask
+from .task import CLASS_LAYERS, ClassificationTask
 
 __all__ = [
+    "CLASS_LAYERS",
     "SHAPES_CLASSIFICATION_CLASSES",
     "ClassificationTask",
     "ImageFileError",
