@@ -208,7 +208,8 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
     With `weights` whose classifier has another number of classes, the fc stays freshly initialised
     and the mismatch is reported as a warning (fine-tuning); anything else that does not fit is an error.
     """
-    from .weights import load_weights
+    from .weights import class_layer_prefixes, load_weights
+    from .weights_table import CLASS_LAYERS
 
     name, weights = _split_tag(name, weights)
     if name.startswith(TIMM_PREFIX):
@@ -221,5 +222,5 @@ def create_model(name: str, *, num_classes: int = 1000, weights: str | None = No
     else:
         model = _builder(name)(num_classes=num_classes, **kwargs)
     if weights is not None:
-        load_weights(model, weights, head_prefixes=("fc.", "head.", "classifier."))
+        load_weights(model, weights, head_prefixes=class_layer_prefixes(CLASS_LAYERS))
     return model

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .tasks import get_task
+from .weights import count_classes
 from .weights_table import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -102,7 +103,7 @@ class TaskExport:
     #: the parity check's default image size (H, W)
     default_size: tuple[int, int] = (224, 224)
     #: the state-dict key endings of the class layer (its rows count the classes)
-    class_keys: tuple[str, ...] = ()
+    class_layers: tuple[str, ...] = ()  # the layers whose rows are the classes, the class-count one first
     #: why a dynamic batch cannot be exported, if it cannot
     batch_error: str | None = None
     #: whether its checkpoints may hold EMA weights (`ema.module.*`)
@@ -146,11 +147,11 @@ class TaskExport:
             compare_logits(expected, _logits(run_checked(exported, stacked, where)), where)
 
     def count_classes(self, state: dict[str, Tensor], where: str) -> int:
-        """The number of classes of a state dict: the rows of its class layer (`class_keys`)."""
-        for key, value in state.items():
-            if key.endswith(self.class_keys):
-                return int(value.shape[0])
-        raise ValueError(f"{where}: no class layer ({', '.join(self.class_keys)}) to count classes")
+        """The number of classes of a state dict: the rows of its class layer (`class_layers`)."""
+        num_classes = count_classes(state, self.class_layers)
+        if num_classes is None:
+            raise ValueError(f"{where}: no class layer ({', '.join(self.class_layers)}) to count classes")
+        return num_classes
 
 
 def export_adapter(task: str) -> TaskExport:

@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from .features import Backbone, FeatureInfo, check_out_indices, check_output_stride, feature_name, feature_stride
+from .features import Backbone, FeatureInfo, check_out_indices, check_output_stride, feature_name
 from .layers import NormLayer, freeze_module, replace_batch_norms
 
 __all__ = ["TimmBackbone", "check_timm_name"]
@@ -58,9 +58,11 @@ class TimmBackbone(Backbone):
             model_name, pretrained=weights == "timm", features_only=True,
             out_indices=tuple(stage_modules[i][0] for i in out_indices), output_stride=output_stride, **kwargs,
         )  # fmt: skip
+        # timm's own shapes of the built model, dilation included (its reductions stop at output_stride)
+        timm_info = self.model.feature_info
         self.feature_info = [
-            FeatureInfo(feature_name(i), channels, feature_stride(i, output_stride))
-            for i, channels in zip(out_indices, self.model.feature_info.channels(), strict=True)
+            FeatureInfo(feature_name(i), channels, reduction)
+            for i, channels, reduction in zip(out_indices, timm_info.channels(), timm_info.reduction(), strict=True)
         ]
         if norm != "bn" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             warnings.warn(f"timm model {model_name!r} has no batch norm: norm={norm!r} changes nothing", stacklevel=3)

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import urllib.error
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,11 +21,16 @@ __all__ = [
     "WEIGHTS",
     "WeightsError",
     "WeightsSpec",
+    "builder_num_classes",
+    "checkpoint_holds_weights",
+    "class_layer_prefixes",
+    "count_classes",
     "fetch_weights",
     "load_checkpoint",
     "load_state_dict",
     "load_task_checkpoint",
     "load_weights",
+    "num_classes_of_weights",
     "weights_from_checkpoint",
 ]
 
@@ -53,6 +59,94 @@ def weights_from_checkpoint():
         yield
     finally:
         _CHECKPOINT_HOLDS_WEIGHTS.reset(token)
+
+
+def checkpoint_holds_weights() -> bool:
+    """Whether the code runs inside `weights_from_checkpoint()`: the checkpoint about to be loaded is the truth,
+    also for the number of classes (a weights tag fetches nothing and decides nothing)."""
+    return _CHECKPOINT_HOLDS_WEIGHTS.get()
+
+
+def class_layer_prefixes(class_layers: Sequence[str]) -> tuple[str, ...]:
+    """The state-dict key prefixes of the class layers (`load_state_dict`'s `head_prefixes`).
+
+    Example:
+        >>> class_layer_prefixes(("fc", "head.fc"))
+        ('fc.', 'head.fc.')
+    """
+    return tuple(f"{layer}." for layer in class_layers)
+
+
+def count_classes(state_dict: Mapping[str, Tensor], class_layers: Sequence[str]) -> int | None:
+    """The number of classes of `state_dict`: the rows of the weight of the first of `class_layers` it holds.
+
+    Keys match by suffix, so a Lightning checkpoint's (`model.fc.weight`) counts as a plain one's
+    (`fc.weight`). None: no class layer found.
+
+    Example:
+        >>> count_classes({"model.fc.weight": torch.zeros(10, 512)}, ("fc", "head.fc"))
+        10
+    """
+    for layer in class_layers:
+        suffix = f"{layer}.weight"
+        for key, value in state_dict.items():
+            if key == suffix or key.endswith("." + suffix):
+                return int(value.shape[0])
+    return None
+
+
+def num_classes_of_weights(
+    num_classes: int | None,
+    weights: str | os.PathLike | None,
+    table: Mapping[str, WeightsSpec],
+    *,
+    fresh_heads: bool = False,
+    argument: str = "weights",
+) -> int | None:
+    """`num_classes` filled from a weights tag, as torchvision's `weights=` fills it.
+
+    A tag of `table` whose class layers are loaded (not `fresh_heads`) gives its `spec.num_classes`; a
+    value given must be the same (inside `weights_from_checkpoint()` the given one wins: the checkpoint
+    holds the class layers). Anything else (no weights, a file, fresh heads) returns `num_classes` as given.
+
+    Raises:
+        ValueError: `num_classes` differs from the tag's; the message names both values and the tag.
+
+    Example:
+        >>> num_classes_of_weights(None, "resnet50.tv_in1k", WEIGHTS)
+        1000
+    """
+    spec = table.get(str(weights)) if weights is not None and not fresh_heads else None
+    if spec is None:
+        return num_classes
+    if num_classes is None:
+        return spec.num_classes
+    if int(num_classes) != spec.num_classes and not checkpoint_holds_weights():
+        raise ValueError(
+            f"num_classes={num_classes}, but the {argument} {str(weights)!r} ({spec.source}) have "
+            f"num_classes={spec.num_classes}; drop num_classes to use theirs, or set fresh_heads: true to train "
+            "the class layers anew for another number of classes"
+        )
+    return int(num_classes)
+
+
+def builder_num_classes(
+    num_classes: int | None, weights: str | None, table: Mapping[str, WeightsSpec], *, fresh_heads: bool, where: str
+) -> int:
+    """A model builder's `num_classes`: the given one, else the weights tag's (`num_classes_of_weights`).
+
+    Raises:
+        ValueError: none given and `weights` is no tag of `table` (named by `where`), or a conflict with the tag.
+    """
+    resolved = num_classes_of_weights(num_classes, weights, table, fresh_heads=fresh_heads)
+    if resolved is None:
+        why = (
+            "fresh_heads trains the class layers anew"
+            if str(weights) in table
+            else f"weights={weights!r} is no tag of {where}, whose tags give it"
+        )
+        raise ValueError(f"num_classes is not given and {why}; give num_classes, background included")
+    return resolved
 
 
 def cache_dir() -> Path:

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: the name of label 0 of detection and segmentation models (torchvision's weights call it so), saved in checkpoints
+BACKGROUND = "__background__"
+#: the class layers of a classifier (module names; ours and torchvision's `fc`, timm's `head.fc`, `classifier`,
+#: `head`): weights of another number of classes leave them as initialised, and their rows count the classes
+CLASS_LAYERS = ("fc", "head.fc", "classifier", "head")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TV = "https://download.pytorch.org/models/"

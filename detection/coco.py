@@ -31,6 +31,7 @@ from backbones.data.coco import (
     names_and_more,
 )
 from backbones.data.images import read_rgb_image
+from backbones.weights_table import BACKGROUND
 
 __all__ = [
     "MAX_NAMES_IN_ERROR",
@@ -84,7 +85,7 @@ class CocoDetection(Dataset):
         check_images_exist(self.store, self.images)
         self.label_to_category_id = contiguous_labels(self.store.categories)
         self.category_id_to_label = {c: label for label, c in self.label_to_category_id.items()}
-        self.class_names = ["__background__", *(c["name"] for c in self.store.categories)]
+        self.class_names = [BACKGROUND, *(c["name"] for c in self.store.categories)]
         self._kept = self._select_annotations()
 
     @property

@@ -6,11 +6,9 @@ The annotation reader, the dataset and the collate function they use are in ``de
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from backbones.data.images import ImageFileError, read_rgb_image
 from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
-from backbones.training.datamodule import BACKGROUND, TaskDataModule
+from backbones.training.datamodule import BACKGROUND, CocoDataModule, GeneratedDataMixin
 from backbones.training.samplers import GroupedBatchSampler
 from detection.coco import (
     MAX_NAMES_IN_ERROR,
@@ -39,7 +37,7 @@ __all__ = [
 ]
 
 
-class CocoDetectionDataModule(TaskDataModule):
+class CocoDetectionDataModule(CocoDataModule):
     """COCO-format detection data for training, validation and testing.
 
     Training batches are grouped by aspect ratio and augmented with
@@ -79,60 +77,32 @@ class CocoDetectionDataModule(TaskDataModule):
         with_masks: bool = False,
         val_batch_size: int = 1,
     ) -> None:
-        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
-        self.split_paths = {
-            "train": (train_images, train_annotations),
-            "val": (val_images, val_annotations),
-            "test": (test_images, test_annotations),
-        }
+        super().__init__(
+            train_images=train_images, train_annotations=train_annotations, val_images=val_images,
+            val_annotations=val_annotations, test_images=test_images, test_annotations=test_annotations,
+            batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+        )  # fmt: skip
         self.train_sizes = tuple(train_sizes)
         self.max_size = max_size
         self.with_masks = with_masks
-        self._category_list: list[dict] | None = None
 
     @property
     def num_classes(self) -> int:
         """Number of categories plus one for the background."""
-        return len(self._categories()) + 1
+        return len(self.categories) + 1
 
     @property
     def label_to_category_id(self) -> dict[int, int]:
         """Contiguous label (1..K) to COCO category id."""
-        return contiguous_labels(self._categories())
+        return contiguous_labels(self.categories)
 
     @property
     def class_names(self) -> list[str]:
         """Category name per label; label 0 is ``BACKGROUND`` ("__background__")."""
-        return [BACKGROUND, *(c["name"] for c in self._categories())]
-
-    @property
-    def val_annotations(self) -> str | None:
-        """The validation COCO JSON, for the evaluator."""
-        return self.split_paths["val"][1]
-
-    @property
-    def test_annotations(self) -> str | None:
-        """The test COCO JSON, for the evaluator."""
-        return self.split_paths["test"][1]
+        return [BACKGROUND, *(c["name"] for c in self.categories)]
 
     def train_group_ids(self, dataset: CocoDetection) -> list[int]:
         return dataset.aspect_ratio_group_ids()
-
-    def prepare_data(self) -> None:
-        """Builds each annotation file's store (`backbones.data.coco`) once; Lightning runs this once per node."""
-        for _, annotation_file in self.split_paths.values():
-            if annotation_file is not None:
-                load_coco_annotations(annotation_file)
-
-    def _categories(self) -> list[dict]:
-        if self._category_list is None:
-            # The smallest file usually: categories must be the same in every split.
-            candidates = (self.val_annotations, self.test_annotations, self.split_paths["train"][1])
-            path = next((p for p in candidates if p), None)
-            if path is None:
-                raise ValueError("no annotation file given; set train_annotations, val_annotations or test_annotations")
-            self._category_list = load_coco_annotations(path).categories  # sorted by id
-        return self._category_list
 
     def build_dataset(self, split: str) -> CocoDetection:
         images, annotations = self.split_paths[split]
@@ -150,7 +120,7 @@ class CocoDetectionDataModule(TaskDataModule):
         return dataset
 
 
-class ShapesDataModule(CocoDetectionDataModule):
+class ShapesDataModule(GeneratedDataMixin, CocoDetectionDataModule):
     """The built-in synthetic shapes dataset (:mod:`backbones.data.shapes`) as detection data.
 
     The images are generated on first use (``prepare_data``, which Lightning runs on
@@ -164,6 +134,9 @@ class ShapesDataModule(CocoDetectionDataModule):
         train_sizes: shorter-side lengths for training; defaults to ``(image_size,)``.
         max_size: longest side in training; defaults to the largest of ``train_sizes``.
     """
+
+    generator = staticmethod(generate_shapes)
+    default_root = staticmethod(shapes_root)
 
     def __init__(
         self,
@@ -180,9 +153,8 @@ class ShapesDataModule(CocoDetectionDataModule):
         with_masks: bool = False,
         val_batch_size: int = 1,
     ) -> None:
-        self.shapes_params = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
-        self.root = Path(root) if root is not None else shapes_root(**self.shapes_params)
-        paths = ShapesPaths.at(self.root)
+        root = self.init_generated(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+        paths = ShapesPaths.at(root)
         train_sizes = tuple(train_sizes) if train_sizes else (image_size,)
         super().__init__(
             train_images=str(paths.train_images),
@@ -198,14 +170,4 @@ class ShapesDataModule(CocoDetectionDataModule):
             with_masks=with_masks,
             val_batch_size=val_batch_size,
         )
-
-    def prepare_data(self) -> None:
-        """Generates the dataset unless it is cached; safe to call from several processes."""
-        generate_shapes(self.root, **self.shapes_params)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()  # cheap when cached; covers use without a Trainer
-        super().setup(stage)
-
-    def _categories(self) -> list[dict]:
-        return shapes_categories()
+        self._categories = shapes_categories()  # known before the files exist

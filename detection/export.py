@@ -53,7 +53,7 @@ from backbones.export import (
     run_checked,
 )
 
-from .models import HEAD_PREFIXES, PRESETS, build_model
+from .models import CLASS_LAYERS, PRESETS, build_model
 
 __all__ = [
     "OUTPUT_NAMES",
@@ -323,7 +323,7 @@ class DetectionExport(TaskExport):
 
     task = "detection"
     default_size = (480, 640)
-    class_keys = (f"{HEAD_PREFIXES[0]}cls_score.weight",)  # the box predictor's class scores
+    class_layers = CLASS_LAYERS  # the box predictor's class scores first
     batch_error = (
         "detectors export with a batch of 1 (their per-image proposals and NMS run in a Python loop over the "
         "batch); run images one at a time"

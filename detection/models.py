@@ -26,12 +26,17 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import create_backbone, get_norm_layer, load_weights
+from backbones.features import FeatureInfo
 from backbones.fpn import FPN
 from backbones.registry import backbone_options, check_name, check_options
+from backbones.weights import builder_num_classes, class_layer_prefixes
 
 from .weights_table import DETECTION_WEIGHTS
 
-__all__ = ["ARCHITECTURES", "HEADS", "NECKS", "PRESETS", "TORCHVISION_OPTIONS", "build_model", "check_build_args"]
+__all__ = [
+    "ARCHITECTURES", "CLASS_LAYERS", "HEADS", "NECKS", "PRESETS", "TORCHVISION_OPTIONS", "build_model",
+    "check_build_args",
+]  # fmt: skip
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn")
 NECKS = ("fpn", "dc5")
@@ -76,8 +81,11 @@ TORCHVISION_OPTIONS = frozenset(
 # backbone options the detector sets itself (`norm` and `frozen_stages` are build_model's own)
 _SET_BY_BUILDER = frozenset({"features_only", "num_classes", "out_indices", "output_stride", "norm", "frozen_stages"})
 
-# Keys of the class-specific layers: left as initialised when a checkpoint has another number of classes.
-HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+#: the class-specific layers (module names): left as initialised when a checkpoint has another number of
+#: classes (`fresh_heads`); the first one's weight has a row per class
+CLASS_LAYERS = ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred",
+                "roi_heads.mask_predictor.mask_fcn_logits")  # fmt: skip
+HEAD_PREFIXES = class_layer_prefixes(CLASS_LAYERS)
 
 
 class Float32BoxCoder(BoxCoder):
@@ -158,10 +166,21 @@ def _neck(
     return module, roi_features
 
 
-def _anchors(num_levels: int, sizes: Sequence[int] | None, ratios: Sequence[float]) -> AnchorGenerator:
-    sizes = tuple(sizes or (32, 64, 128, 256, 512))
+#: anchor side per unit of feature stride: 32 px on the stride-4 map up to 512 px on stride 64 (FPN paper)
+ANCHOR_SIZE_PER_STRIDE = 8
+#: the anchor sides of a single map (DC5): the FPN's five, all on that map (detectron2's DC5)
+SINGLE_MAP_ANCHOR_SIZES = (32, 64, 128, 256, 512)
+
+
+def _anchors(
+    feature_info: Sequence[FeatureInfo], sizes: Sequence[int] | None, ratios: Sequence[float]
+) -> AnchorGenerator:
+    """One anchor size per pyramid level (default: 8x the level's stride, read from `feature_info`), or every
+    size on a single map."""
+    num_levels = len(feature_info)
     if num_levels == 1:  # every size on the single C5 map
-        return AnchorGenerator((sizes,), (tuple(ratios),))
+        return AnchorGenerator((tuple(sizes or SINGLE_MAP_ANCHOR_SIZES),), (tuple(ratios),))
+    sizes = tuple(sizes or (ANCHOR_SIZE_PER_STRIDE * info.stride for info in feature_info))
     if len(sizes) != num_levels:
         raise ValueError(f"anchor_sizes={sizes}: give one size per pyramid level ({num_levels})")
     return AnchorGenerator(tuple((s,) for s in sizes), (tuple(ratios),) * num_levels)
@@ -170,7 +189,7 @@ def _anchors(num_levels: int, sizes: Sequence[int] | None, ratios: Sequence[floa
 def build_model(
     name: str,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     weights: str | None = None,
     backbone_weights: str | None = None,
     backbone: str | None = None,
@@ -196,7 +215,8 @@ def build_model(
 
     Args:
         name: a preset (`PRESETS`) or an architecture, "faster_rcnn" or "mask_rcnn".
-        num_classes: including the background class, as in torchvision.
+        num_classes: including the background class, as in torchvision; None: the `weights` tag's (91 for
+            the `*.tv_coco` tags), as torchvision's `weights=`. A value other than the tag's needs `fresh_heads`.
         weights: a whole-detector checkpoint: a tag (`detection.weights_table.DETECTION_WEIGHTS`,
             e.g. `faster_rcnn_r50_fpn.tv_coco`), a file (torchvision's or our Lightning checkpoint) or a URL.
         backbone_weights: ImageNet weights for the backbone (a tag such as `resnet50.tv_in1k`, a file or URL).
@@ -214,15 +234,21 @@ def build_model(
         box_head_dim: width of the box head's fully connected layers (1024, detectron2's FC_DIM).
         mask_head_convs: 3x3 convs of the mask head before its upsampling (4, detectron2's NUM_CONV).
         roi_sampling_ratio: bilinear samples per RoIAlign bin side (torchvision's 2; 0 = adaptive).
+        anchor_sizes: one anchor side per pyramid level, default 8x the level's stride from the neck's
+            `feature_info` (32 to 512 on p2 to p6); with dc5 every size on the one map (default 32 to 512).
+        aspect_ratios: anchor height/width ratios, at every level.
         resize_in_training: False when the data pipeline has already resized training images.
         fresh_heads: with `weights` of another number of classes, load everything but the
-            class-specific layers (`HEAD_PREFIXES`), which keep their fresh initialisation
+            class-specific layers (`CLASS_LAYERS`), which keep their fresh initialisation
             (fine-tuning, e.g. from COCO to a new dataset); without it such weights are an error.
         backbone_kwargs: more options of the backbone (`backbones.registry.backbone_options(name)`).
         **overrides: passed to torchvision's FasterRCNN/MaskRCNN: one of `TORCHVISION_OPTIONS`
             (min_size, max_size, rpn_pre_nms_top_n_train, box_batch_size_per_image,
             box_detections_per_img, ...); any other name is an error naming the closest.
     """
+    num_classes = builder_num_classes(
+        num_classes, weights, DETECTION_WEIGHTS, fresh_heads=fresh_heads, where="detection.weights_table"
+    )  # the tag's unless given
     settings = check_build_args(name, dict(overrides, backbone=backbone, backbone_kwargs=backbone_kwargs))
     settings.update({k: v for k, v in dict(backbone=backbone, neck=neck, head=head).items() if v is not None})
     neck_name = _choice(settings["neck"], NECKS, "neck")
@@ -245,8 +271,7 @@ def build_model(
             fpn_channels=fpn_channels,
             backbone_kwargs=backbone_kwargs or {},
         )
-    num_levels = len(body.feature_info)
-    anchor_generator = _anchors(num_levels, anchor_sizes, aspect_ratios)
+    anchor_generator = _anchors(body.feature_info, anchor_sizes, aspect_ratios)
     channels = body.out_channels
     head_channels = fpn_channels if head_channels is None else head_channels
     parts: dict[str, Any] = dict(
@@ -277,6 +302,7 @@ def build_model(
 
 
 BUILD_OPTIONS = frozenset(inspect.signature(build_model).parameters) - {"name", "overrides"}
+
 _WHERE = "detection.build_model's arguments and detection.models.TORCHVISION_OPTIONS"
 
 

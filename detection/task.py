@@ -6,13 +6,14 @@ Optimizer, schedule, num_classes and the evaluation hooks are `backbones.trainin
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from backbones.training import TrainingTask, check_finite_losses
+from backbones.training import BACKGROUND, TrainingTask, check_finite_losses
+from backbones.weights_table import WEIGHTS, WeightsSpec
 
 from .evaluation import COCOEvaluator
 from .models import PRESETS, build_model, check_build_args
@@ -24,10 +25,12 @@ class DetectionTask(TrainingTask):
 
     Args:
         model: a preset name or "faster_rcnn"/"mask_rcnn" (see `detection.models.PRESETS`).
-        weights, backbone_weights: see `build_model`.
+        weights, backbone_weights: see `build_model`. A tag (`detection.weights_table`, `backbones.WEIGHTS`)
+            also gives the default `mean`/`std`, and the `weights` tag `num_classes` (91 for the
+            `*.tv_coco` tags), unless `fresh_heads`.
         fresh_heads: with `weights` of another number of classes (fine-tuning from COCO to a new
-            dataset), load all but the class-specific layers, which start fresh; without it such
-            weights are an error that names the mismatched keys and shapes.
+            dataset), load all but the class-specific layers (`detection.models.CLASS_LAYERS`), which
+            start fresh; without it such weights are an error that names the mismatched keys and shapes.
         model_options: more `build_model` arguments (backbone, neck, head, norm, anchor_sizes,
             min_size, max_size, rpn_*/box_* settings ...). `min_size`/`max_size` are the evaluation
             scale; a training scale of the data module that does not reach it is warned about.
@@ -51,6 +54,10 @@ class DetectionTask(TrainingTask):
     """
 
     progress_metric = "bbox_AP"
+    weights_tables: ClassVar[dict[str, Mapping[str, WeightsSpec]]] = {
+        "weights": DETECTION_WEIGHTS,
+        "backbone_weights": WEIGHTS,
+    }
 
     def __init__(
         self,
@@ -118,7 +125,7 @@ class DetectionTask(TrainingTask):
             self.hparams.label_to_category_id = {c: c for c in range(1, int(self.hparams.num_classes))}
             self._eval_labels = torch.tensor(sorted(data_mapping.values()))
             names = ["N/A"] * int(self.hparams.num_classes)  # torchvision's name for an id without a category
-            names[0] = "__background__"
+            names[0] = BACKGROUND
             for label, category_id in data_mapping.items():
                 names[category_id] = datamodule.class_names[label]
             self.hparams.class_names = names

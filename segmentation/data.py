@@ -7,13 +7,12 @@ re-exported here).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from backbones.data.shapes import ShapesPaths, generate_shapes, shapes_categories, shapes_root
-from backbones.training.datamodule import BACKGROUND, TaskDataModule
+from backbones.training.datamodule import BACKGROUND, CocoDataModule, GeneratedDataMixin, TaskDataModule
 
 from .datasets import (
     IGNORE_INDEX,
@@ -26,7 +25,6 @@ from .datasets import (
     category_class_names,
     check_category_ids,
     collate,
-    load_coco_annotations,
     read_label_mask,
     read_rgb_image,
 )
@@ -95,8 +93,10 @@ class SegmentationDataModule(TaskDataModule):
         return self._build_dataset(split, transforms)
 
 
-class CocoSegmentationDataModule(SegmentationDataModule):
+class CocoSegmentationDataModule(CocoDataModule, SegmentationDataModule):
     """COCO images with semantic masks made from their instance annotations (see `CocoSegmentation`).
+
+    The annotation files' stores are built in ``prepare_data`` (once per node), as for detection.
 
     Args:
         train_images, train_annotations, val_images, ..., test_annotations: folders and JSONs.
@@ -119,24 +119,19 @@ class CocoSegmentationDataModule(SegmentationDataModule):
         skip_empty_train: bool = True,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
-        self.split_paths = {
-            "train": (train_images, train_annotations),
-            "val": (val_images, val_annotations),
-            "test": (test_images, test_annotations),
-        }
+        super().__init__(
+            train_images=train_images, train_annotations=train_annotations, val_images=val_images,
+            val_annotations=val_annotations, test_images=test_images, test_annotations=test_annotations, **kwargs,
+        )  # fmt: skip
         self.category_ids = list(category_ids) if category_ids is not None else None
         self.skip_empty_train = skip_empty_train
         self._class_names: list[str] | None = None
 
     @property
     def class_names(self) -> list[str]:
-        """``"__background__"`` then the chosen categories' names, read from an annotation file."""
+        """``BACKGROUND`` ("__background__") then the chosen categories' names, read from an annotation file."""
         if self._class_names is None:
-            given = [self.split_paths[s][1] for s in ("val", "test", "train") if self.split_paths[s][1]]
-            if not given:
-                raise ValueError("no annotation file given; set train_, val_ or test_annotations with its images")
-            store = load_coco_annotations(given[0])  # the smallest file usually; all splits have the same classes
+            store = self.category_store()  # all splits have the same classes
             self._class_names = category_class_names(store, check_category_ids(self.category_ids, store))
         return self._class_names
 
@@ -213,7 +208,7 @@ class FolderSegmentationDataModule(SegmentationDataModule):
         )  # fmt: skip
 
 
-class ShapesSegmentationDataModule(FolderSegmentationDataModule):
+class ShapesSegmentationDataModule(GeneratedDataMixin, FolderSegmentationDataModule):
     """The built-in synthetic shapes (:mod:`backbones.data.shapes`): background, circle, square, triangle.
 
     Generated on first use (``prepare_data``, or ``setup``) into a cache folder named after the
@@ -226,6 +221,9 @@ class ShapesSegmentationDataModule(FolderSegmentationDataModule):
         **kwargs: loader and transform settings of `SegmentationDataModule`.
     """
 
+    generator = staticmethod(generate_shapes)
+    default_root = staticmethod(shapes_root)
+
     def __init__(
         self,
         *,
@@ -237,9 +235,8 @@ class ShapesSegmentationDataModule(FolderSegmentationDataModule):
         crop_size: int | None = None,
         **kwargs: Any,
     ):
-        self.shapes_params = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
-        self.root = Path(root) if root is not None else shapes_root(**self.shapes_params)
-        paths = ShapesPaths.at(self.root)
+        root = self.init_generated(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+        paths = ShapesPaths.at(root)
         names = [BACKGROUND, *(c["name"] for c in shapes_categories())]
         super().__init__(
             num_classes=len(names), class_names=names,
@@ -248,11 +245,3 @@ class ShapesSegmentationDataModule(FolderSegmentationDataModule):
             test_images=str(paths.val_images), test_masks=str(paths.val_masks),
             crop_size=crop_size or image_size, **kwargs,
         )  # fmt: skip
-
-    def prepare_data(self) -> None:
-        """Generates the dataset unless it is cached; safe to call from several processes."""
-        generate_shapes(self.root, **self.shapes_params)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()  # cheap when cached; covers use without a Trainer
-        super().setup(stage)

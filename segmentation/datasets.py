@@ -22,6 +22,7 @@ from torchvision import tv_tensors
 from backbones.data.coco import AnnotationFileError, CocoAnnotations, check_images_exist, load_coco_annotations
 from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from backbones.data.images import ImageFileError, read_rgb_image
+from backbones.weights_table import BACKGROUND
 
 from .transforms import IGNORE_INDEX
 from .weights_table import VOC_CATEGORY_IDS
@@ -331,7 +332,7 @@ def check_category_ids(category_ids: Sequence[int] | None, store: CocoAnnotation
 def category_class_names(store: CocoAnnotations, category_ids: Sequence[int]) -> list[str]:
     """``"__background__"`` then the names of ``category_ids``, in that order."""
     name_of = {c["id"]: c["name"] for c in store.categories}
-    return ["__background__", *(name_of[c] for c in category_ids)]
+    return [BACKGROUND, *(name_of[c] for c in category_ids)]
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

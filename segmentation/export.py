@@ -22,7 +22,7 @@ from backbones.export import (
     base_metadata,
 )
 
-from .models import HEAD_PREFIXES, PRESETS, build_model
+from .models import CLASS_LAYERS, PRESETS, build_model
 
 __all__ = ["OUTPUT_NAMES", "SegmentationExport", "exportable_segmenter", "segmentation_metadata"]
 
@@ -64,7 +64,7 @@ class SegmentationExport(TaskExport):
 
     task = "segmentation"
     default_size = (512, 512)
-    class_keys = tuple(f"{prefix}weight" for prefix in HEAD_PREFIXES if not prefix.startswith("aux"))
+    class_layers = CLASS_LAYERS
 
     def source(self, task: nn.Module) -> ExportSource:
         hp = task.hparams

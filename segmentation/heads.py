@@ -25,12 +25,12 @@ __all__ = [
     "make_aspp",
 ]
 
-# The paper's rates scale with the feature resolution: (6, 12, 18) at output stride 16, doubled at 8.
+# The paper's rates scale with the feature resolution: (6, 12, 18) at stride 16, doubled at 8.
 DEFAULT_ATROUS_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
 
-def atrous_rates_for(output_stride: int, atrous_rates: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The given rates, or the default ones of `output_stride`.
+def atrous_rates_for(stride: int, atrous_rates: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The given rates, or the default ones of features at `stride` (the backbone's `feature_info[-1].stride`).
 
     Example:
         >>> atrous_rates_for(16)
@@ -41,9 +41,12 @@ def atrous_rates_for(output_stride: int, atrous_rates: Sequence[int] | None = No
         if not rates or min(rates) < 1:
             raise ValueError(f"atrous_rates={tuple(atrous_rates)}; give one or more rates >= 1")
         return rates
-    if output_stride not in DEFAULT_ATROUS_RATES:
-        raise ValueError(f"output_stride={output_stride}; choose 8, 16 or 32")
-    return DEFAULT_ATROUS_RATES[output_stride]
+    if stride not in DEFAULT_ATROUS_RATES:
+        raise ValueError(
+            f"the deepest features have stride {stride}; default atrous rates exist for strides "
+            f"{', '.join(map(str, DEFAULT_ATROUS_RATES))}: give atrous_rates"
+        )
+    return DEFAULT_ATROUS_RATES[stride]
 
 
 class SeparableConv2d(nn.Sequential):

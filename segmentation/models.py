@@ -22,12 +22,14 @@ from torch.nn import functional as F
 
 from backbones import create_backbone, load_weights
 from backbones.registry import backbone_options, check_name, check_options
+from backbones.weights import builder_num_classes, class_layer_prefixes
 
 from .heads import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, atrous_rates_for
 from .weights_table import SEGMENTATION_WEIGHTS
 
 __all__ = [
-    "ARCHITECTURES", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model", "check_build_args",
+    "ARCHITECTURES", "CLASS_LAYERS", "PRESETS", "SEGMENTATION_WEIGHTS", "DeepLabV3", "DeepLabV3Plus", "build_model",
+    "check_build_args",
 ]  # fmt: skip
 
 ARCHITECTURES = ("deeplabv3", "deeplabv3plus")
@@ -38,8 +40,10 @@ PRESETS: dict[str, dict[str, str]] = {
     for depth in (18, 50, 101)
 }
 
-# The class-specific layers: left as initialised by `fresh_heads` when a checkpoint has other classes.
-HEAD_PREFIXES = ("classifier.4.", "classifier.predictor.", "aux_classifier.4.")
+#: the class-specific layers (module names) of DeepLabV3, V3+ and the aux head: left as initialised by
+#: `fresh_heads` when a checkpoint has other classes; each one's weight has a row per class
+CLASS_LAYERS = ("classifier.4", "classifier.predictor", "aux_classifier.4")
+HEAD_PREFIXES = class_layer_prefixes(CLASS_LAYERS)
 
 
 def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -124,7 +128,7 @@ def check_build_args(name: str, options: Mapping[str, Any] | None = None) -> dic
 def build_model(
     name: str,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     weights: str | None = None,
     backbone_weights: str | None = None,
     output_stride: int = 8,
@@ -145,7 +149,8 @@ def build_model(
     Args:
         name: a preset (`PRESETS`: `deeplabv3_r50`, `deeplabv3plus_r101`, ...) or an architecture,
             "deeplabv3" or "deeplabv3plus" (ResNet-50 unless `backbone` says otherwise).
-        num_classes: output classes, background included.
+        num_classes: output classes, background included; None: the `weights` tag's (21 for the
+            `*.tv_coco_voc` tags). A value other than the tag's needs `fresh_heads`.
         weights: a whole-model checkpoint: a tag of `SEGMENTATION_WEIGHTS` (e.g.
             `deeplabv3_r50.tv_coco_voc`), a file (torchvision's, or our Lightning checkpoint) or a URL.
         backbone_weights: ImageNet weights for the backbone (`resnet50.tv_in1k`, a file or a URL).
@@ -154,7 +159,8 @@ def build_model(
         backbone: any registered backbone or `timm/<model>`, overriding the preset's.
         norm, frozen_stages: the backbone's norm and frozen stages (segmentation trains BN: "bn", -1).
         multi_grid: dilation multipliers of the last stage's blocks, e.g. (1, 2, 4).
-        atrous_rates: ASPP rates; default (12, 24, 36) at output stride 8, (6, 12, 18) at 16.
+        atrous_rates: ASPP rates; default by the deepest features' stride (`feature_info[-1].stride`):
+            (12, 24, 36) at 8, (6, 12, 18) at 16, (3, 6, 9) at 32.
         aspp_channels: channels of ASPP and of the V3 head (256 in the paper and torchvision).
         decoder_channels: channels of the V3+ decoder's two 3x3 convs (256 in the paper).
         separable: depthwise-separable convs in ASPP and the V3+ decoder.
@@ -168,6 +174,9 @@ def build_model(
         >>> model(torch.randn(1, 3, 65, 65))["out"].shape
         torch.Size([1, 4, 65, 65])
     """
+    num_classes = builder_num_classes(
+        num_classes, weights, SEGMENTATION_WEIGHTS, fresh_heads=fresh_heads, where="segmentation.weights_table"
+    )  # the tag's unless given
     settings = check_build_args(name, dict(overrides, backbone=backbone))
     plus = settings["architecture"] == "deeplabv3plus"
     out_indices = (1,) if plus else ()
@@ -183,7 +192,7 @@ def build_model(
         )  # fmt: skip
     shapes = body.output_shape()
     deep = body.feature_info[-1]
-    rates = atrous_rates_for(output_stride, atrous_rates)
+    rates = atrous_rates_for(deep.stride, atrous_rates)  # the backbone's own stride, dilation included
     aux_classifier = FCNHead(shapes["c4"].channels, num_classes) if aux_loss else None
     if plus:
         head = DeepLabV3PlusHead(

@@ -6,12 +6,13 @@ Optimizer, schedule, num_classes and the evaluation hooks are `backbones.trainin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 from torch.nn import functional as F
 
 from backbones.training import TrainingTask, check_finite_losses
+from backbones.weights_table import WEIGHTS, WeightsSpec
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
 from .models import build_model, check_build_args
@@ -29,10 +30,12 @@ class SegmentationTask(TrainingTask):
     Args:
         model: a preset (`deeplabv3plus_r50`, ...) or "deeplabv3"/"deeplabv3plus".
         backbone: overrides the preset's backbone (any registered name or `timm/<model>`).
-        weights, backbone_weights, output_stride, aux_loss: see `build_model`.
+        weights, backbone_weights, output_stride, aux_loss: see `build_model`. A tag
+            (`segmentation.weights_table`, `backbones.WEIGHTS`) also gives the default `mean`/`std`, and
+            the `weights` tag `num_classes` (21 for the `*.tv_coco_voc` tags), unless `fresh_heads`.
         fresh_heads: with `weights` of another number of classes (fine-tuning), load all but the
-            class-specific layers, which start fresh; without it such weights are an error that
-            names the mismatched keys and shapes.
+            class-specific layers (`segmentation.models.CLASS_LAYERS`), which start fresh; without it
+            such weights are an error that names the mismatched keys and shapes.
         model_options: more `build_model` arguments (norm, frozen_stages, multi_grid,
             atrous_rates, aspp_channels, decoder_channels, separable, ...).
         aux_weight: weight of the aux head's loss (0.4 as in PSPNet; torchvision's references use 0.5).
@@ -43,6 +46,10 @@ class SegmentationTask(TrainingTask):
 
     progress_metric = "mIoU"
     exact_num_classes = True
+    weights_tables: ClassVar[dict[str, Mapping[str, WeightsSpec]]] = {
+        "weights": SEGMENTATION_WEIGHTS,
+        "backbone_weights": WEIGHTS,
+    }
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ The task and the data import Lightning and OpenCV: they load on first use, so re
 
 from backbones.lazy import lazy_exports
 from backbones.tasks import TaskEntry, register_task
+from backbones.weights_table import CLASS_LAYERS  # the classifier heads' layer names, for the door and the tools
 
 TASK = register_task(
     TaskEntry(
@@ -32,4 +33,4 @@ _MACHINERY = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _MACHINERY)
 
-__all__ = ["TASK", *_MACHINERY]
+__all__ = ["CLASS_LAYERS", "TASK", *_MACHINERY]

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from backbones.data.files import IMAGE_SUFFIXES as IMAGE_EXTENSIONS
 from backbones.data.images import ImageFileError, read_rgb_image
-from backbones.training.datamodule import TaskDataModule
+from backbones.training.datamodule import GeneratedDataMixin, TaskDataModule
 
 from .synthetic import SHAPES_CLASSIFICATION_CLASSES, generate_shapes_classification, shapes_classification_root
 
@@ -229,7 +229,7 @@ class ImageFolderDataModule(TaskDataModule):
         return ImageFolder(self.dirs[split], self.class_names, transforms)
 
 
-class ShapesClassificationDataModule(ImageFolderDataModule):
+class ShapesClassificationDataModule(GeneratedDataMixin, ImageFolderDataModule):
     """The synthetic six-class dataset of `backbones.classification.synthetic`, read as image folders.
 
     Generated on first use (``prepare_data``, run once per node, or ``setup``) into a cache folder
@@ -241,6 +241,9 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         crop_size, resize_size: default to ``image_size`` (the whole image, no resize in validation).
         **kwargs: the other `ImageFolderDataModule` settings (batch_size, num_workers, scale, ...).
     """
+
+    generator = staticmethod(generate_shapes_classification)
+    default_root = staticmethod(shapes_classification_root)
 
     def __init__(
         self,
@@ -259,12 +262,11 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
     ):
-        self.shapes_params = dict(
-            train_per_class=train_per_class, val_per_class=val_per_class, image_size=image_size, seed=seed
+        root = self.init_generated(
+            root, train_per_class=train_per_class, val_per_class=val_per_class, image_size=image_size, seed=seed
         )
-        self.root = Path(root) if root is not None else shapes_classification_root(**self.shapes_params)
         super().__init__(
-            root=str(self.root),
+            root=str(root),
             batch_size=batch_size,
             val_batch_size=val_batch_size,
             num_workers=num_workers,
@@ -275,11 +277,3 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
             hflip=hflip,
         )
         self._class_names = list(SHAPES_CLASSIFICATION_CLASSES)  # known before the files exist
-
-    def prepare_data(self) -> None:
-        """Generates the dataset unless it is cached; safe to call from several processes."""
-        generate_shapes_classification(self.root, **self.shapes_params)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare_data()  # cheap when cached; covers use without a Trainer
-        super().setup(stage)

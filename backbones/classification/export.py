@@ -13,12 +13,11 @@ from torch import nn
 
 from backbones.export import ExportSource, NetworkWeights, NormalizedModel, TaskExport, base_metadata
 from backbones.registry import create_model
+from backbones.weights_table import CLASS_LAYERS
 
 __all__ = ["OUTPUT_NAMES", "ClassificationExport"]
 
 OUTPUT_NAMES = ("logits",)
-# The layers whose rows are the classes: ours and torchvision's (`fc`), timm's heads.
-CLASS_KEYS = ("fc.weight", "head.fc.weight", "classifier.weight", "head.weight")
 
 
 class ClassificationExport(TaskExport):
@@ -26,7 +25,7 @@ class ClassificationExport(TaskExport):
 
     task = "classification"
     default_size = (224, 224)
-    class_keys = CLASS_KEYS
+    class_layers = CLASS_LAYERS
     has_ema = True
 
     def source(self, task: nn.Module) -> ExportSource:

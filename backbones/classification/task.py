@@ -5,8 +5,8 @@ Optimizer, schedule, num_classes and the evaluation hooks are `backbones.trainin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
@@ -16,6 +16,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from backbones.registry import create_model
 from backbones.training import TrainingTask, check_finite_losses
+from backbones.weights_table import CLASS_LAYERS, WEIGHTS, WeightsSpec
+
+__all__ = ["CLASS_LAYERS", "ClassificationTask"]
 
 TOP5_MIN_CLASSES = 5
 
@@ -30,7 +33,12 @@ class ClassificationTask(TrainingTask):
 
     Args:
         model: a registered name (`backbones.list_backbones()`) or `timm/<model>`.
-        weights: initial weights (tag, file or URL); a classifier of another size keeps a fresh fc.
+        weights: initial weights (tag, file or URL). A tag (`backbones.WEIGHTS`) also gives the default
+            `mean`/`std` and, unless `fresh_heads`, `num_classes` (1000 for ImageNet-1k), as torchvision's
+            `resnet50(weights=...)`; a file of another number of classes leaves the class layer
+            (`CLASS_LAYERS`) fresh, with a warning.
+        fresh_heads: with a weights tag, train the class layer anew for the data's classes (fine-tuning
+            ImageNet weights on another dataset); without it the tag's classes must be the data's.
         model_options: more `create_model` arguments (drop_path_rate, norm, in_chans ...).
         zero_init_last: zero the last norm of every residual block (Goyal et al.; "zero gamma").
         label_smoothing: of the training loss (validation loss is plain cross-entropy).
@@ -45,12 +53,16 @@ class ClassificationTask(TrainingTask):
     """
 
     progress_metric = "top1"
+    # the labels are the data's class folders, which the checkpoint names one for one
+    exact_num_classes = True
+    weights_tables: ClassVar[dict[str, Mapping[str, WeightsSpec]]] = {"weights": WEIGHTS}
 
     def __init__(
         self,
         *,
         model: str = "resnet50",
         weights: str | None = None,
+        fresh_heads: bool = False,
         model_options: dict[str, Any] | None = None,
         zero_init_last: bool = False,
         label_smoothing: float = 0.0,

@@ -8,23 +8,28 @@ A subclass gives its splits (`split_paths`, or `available_splits`), how a split'
 - validation, test and predict batches over `eval_sampler` (every image exactly once at any world size);
 - the predict split is the test split when there is one, else the validation split;
 - memory is pinned when the trainer runs on CUDA.
+
+Two parts that several data modules share sit next to it: `CocoDataModule` (an image folder and a COCO JSON
+per split, the categories of the first JSON, the annotation stores built in `prepare_data`) and
+`GeneratedDataMixin` (a dataset written on first use: `prepare_data` generates it, `setup` calls it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from backbones.data.coco import CocoAnnotations, load_coco_annotations
+from backbones.weights_table import BACKGROUND
+
 from .distributed import eval_sampler
 from .samplers import ResumableTrainData, SeededSamples
 
-__all__ = ["BACKGROUND", "TaskDataModule"]
-
-#: the name of label 0 in detection and segmentation data (torchvision's convention), saved in checkpoints
-BACKGROUND = "__background__"
+__all__ = ["BACKGROUND", "CocoDataModule", "GeneratedDataMixin", "TaskDataModule"]
 
 
 class TaskDataModule(ResumableTrainData, L.LightningDataModule):
@@ -156,3 +161,98 @@ class TaskDataModule(ResumableTrainData, L.LightningDataModule):
         """Whether the trainer runs on a CUDA device (pinned host memory then speeds up the copies)."""
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
+class CocoDataModule(TaskDataModule):
+    """A data module over COCO-format files: an image folder and an instances JSON per split.
+
+    The categories (the same in every split) are read from the first annotation file given: the
+    validation one (usually the smallest), else the test one, else the training one; each file's store
+    (`backbones.data.coco`) is built once in `prepare_data`, which Lightning runs once per node.
+
+    Args:
+        train_images, train_annotations: training image folder and COCO JSON.
+        val_images, val_annotations: validation image folder and COCO JSON.
+        test_images, test_annotations: test image folder and COCO JSON.
+        **kwargs: the settings of the data module (batch_size, num_workers, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        train_images: str | None = None,
+        train_annotations: str | None = None,
+        val_images: str | None = None,
+        val_annotations: str | None = None,
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.split_paths = {
+            "train": (train_images, train_annotations),
+            "val": (val_images, val_annotations),
+            "test": (test_images, test_annotations),
+        }
+        self._categories: list[dict] | None = None
+
+    @property
+    def val_annotations(self) -> str | None:
+        """The validation COCO JSON, for the evaluator."""
+        return self.split_paths["val"][1]
+
+    @property
+    def test_annotations(self) -> str | None:
+        """The test COCO JSON, for the evaluator."""
+        return self.split_paths["test"][1]
+
+    def category_store(self) -> CocoAnnotations:
+        """The store of the annotation file the categories are read from (see the class)."""
+        candidates = (self.val_annotations, self.test_annotations, self.split_paths["train"][1])
+        path = next((p for p in candidates if p), None)
+        if path is None:
+            raise ValueError("no annotation file given; set train_annotations, val_annotations or test_annotations")
+        return load_coco_annotations(path)
+
+    @property
+    def categories(self) -> list[dict]:
+        """The COCO categories (`id`, `name`, ...), sorted by id, read once."""
+        if self._categories is None:
+            self._categories = self.category_store().categories
+        return self._categories
+
+    def prepare_data(self) -> None:
+        """Builds each annotation file's store (`backbones.data.coco`) once; Lightning runs this once per node."""
+        for _, annotation_file in self.split_paths.values():
+            if annotation_file is not None:
+                load_coco_annotations(annotation_file)
+
+
+class GeneratedDataMixin:
+    """For a data module over a generated dataset (the synthetic shapes): the files are written on first use.
+
+    `prepare_data` (run by Lightning on one process per node) generates them unless they are cached, then
+    does the parent's preparation; `setup` calls it too (cheap when cached), which covers use without a
+    Trainer. The subclass sets `generator` and `default_root`, and calls `init_generated` in its
+    constructor before the parent's (whose paths lie under `self.root`).
+    """
+
+    #: writes the dataset at `root` from the parameters unless it is there; safe from several processes
+    generator: ClassVar[Callable[..., Any]]
+    #: the cache folder of a parameter set, used when no root is given
+    default_root: ClassVar[Callable[..., Path]]
+
+    def init_generated(self, root: str | None, **params: Any) -> Path:
+        """Keeps the generator's parameters; returns the dataset folder (`root`, else the cache folder)."""
+        self.generator_params = params
+        self.root = Path(root) if root is not None else type(self).default_root(**params)
+        return self.root
+
+    def prepare_data(self) -> None:
+        """Generates the dataset unless it is cached; safe to call from several processes."""
+        type(self).generator(self.root, **self.generator_params)
+        super().prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # cheap when cached; covers use without a Trainer
+        super().setup(stage)

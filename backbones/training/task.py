@@ -6,9 +6,11 @@ A task subclass gives the model (`build_model`), the training loss (`training_st
 - SGD with momentum and weight decay (norms and biases optionally exempt), the learning rate scaled
   by the global batch (`lr` for a batch of `lr_reference_batch_size`), and one schedule (linear warmup,
   then step, cosine, poly or constant) whose warmup and milestones are given in steps or epochs;
-- `num_classes` taken from the data module when not given, checked against it when given;
+- `num_classes`: given, else the weights tag's (its class layer kept), else the data module's; checked
+  against the data module's;
 - input normalization: every data module gives float images in [0, 1]; the task's `mean` and `std`
-  normalize them (`normalize`; the detector passes them to torchvision's transform, which does it);
+  (given, else the weights tag's, else ImageNet's) normalize them (`normalize`; the detector passes
+  them to torchvision's transform, which does it);
 - the evaluator of each split is built once and `reset()` at the start of every epoch, updated by
   every batch and `compute()`d at the end (the protocol of detectron2's `DatasetEvaluator`).
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import lightning as L
 import torch
@@ -25,7 +27,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
+from backbones.weights import num_classes_of_weights
+from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec
 
 from .distributed import prepare_task_model
 from .optim import batch_scaled_lr, param_groups
@@ -51,8 +54,8 @@ def check_num_classes(model_classes: int, data_classes: int, *, exact: bool = Fa
     """The model must cover the data's classes (`exact`: have exactly as many); the error names both.
 
     A model with more outputs than the data has classes is allowed where nothing compares the outputs
-    one-to-one with the data's classes (detection, classification); `exact` is for tasks whose metric
-    is over the model's classes (a segmentation confusion matrix).
+    one-to-one with the data's classes (detection, whose labels may be category ids); `exact` is for tasks
+    whose labels are the data's classes one for one (a segmentation confusion matrix, class folders).
     """
     if model_classes == data_classes or (not exact and model_classes > data_classes):
         return
@@ -60,6 +63,12 @@ def check_num_classes(model_classes: int, data_classes: int, *, exact: bool = Fa
     raise ValueError(
         f"model.num_classes={model_classes}, but the data module has {data_classes} classes; the model needs "
         f"{rule} {data_classes} (set model.num_classes: {data_classes}, or null to take it from the data)"
+    )
+
+
+def _same_values(given: Sequence[float], published: Sequence[float]) -> bool:
+    return len(given) == len(published) and all(
+        math.isclose(float(a), float(b), rel_tol=1e-6) for a, b in zip(given, published, strict=True)
     )
 
 
@@ -87,7 +96,9 @@ class TrainingTask(L.LightningModule):
     """The shared part of `DetectionTask`, `SegmentationTask` and `ClassificationTask`.
 
     Args:
-        num_classes: None takes it from the data module (`datamodule.num_classes`).
+        num_classes: None takes it from the weights tag whose class layer the model keeps (the
+            first of `weights_tables`, unless `fresh_heads`), else from the data module
+            (`datamodule.num_classes`). Given, it must equal the tag's (or set `fresh_heads`).
         class_names: filled from the data module and saved with the checkpoint (for inference).
         lr: base learning rate of SGD, for a global batch of `lr_reference_batch_size` images.
         lr_reference_batch_size: the rate used is lr * global_batch / this, where global_batch =
@@ -99,8 +110,9 @@ class TrainingTask(L.LightningModule):
         milestones, milestones_unit: when "step" decays, in epochs or optimizer steps.
         min_lr: the rate "cosine" and "poly" decay to at the last step (0 by default; DeepLab's recipes: 1e-4).
         warmup, warmup_unit: linear warmup from `warmup_factor * lr` over this many steps or epochs.
-        mean, std: input normalization of the [0, 1] images: the statistics of the weights the model starts
-            from (`backbones.WEIGHTS[tag].mean`), ImageNet's by default.
+        mean, std: input normalization of the [0, 1] images. None: the statistics of the weights tag the
+            model starts from (`spec.mean`, `spec.std` of the first tag in `weights_tables`), else
+            ImageNet's. Given, they must equal the tag's.
         channels_last: run the convolutions in channels-last memory (faster with bf16/fp16 on GPUs).
     """
 
@@ -108,6 +120,9 @@ class TrainingTask(L.LightningModule):
     progress_metric: str = ""
     #: the model's outputs must match the data's classes one-to-one (see `check_num_classes`)
     exact_num_classes: bool = False
+    #: the task's weights arguments and the tables resolving their tags, the whole model's first: the first
+    #: tag given sets the default mean/std; the first argument's tag sets num_classes unless `fresh_heads`
+    weights_tables: ClassVar[dict[str, Mapping[str, WeightsSpec]]] = {}
 
     def __init__(
         self,
@@ -128,13 +143,11 @@ class TrainingTask(L.LightningModule):
         warmup: float = 0,
         warmup_unit: Literal["step", "epoch"] = "step",
         warmup_factor: float = 0.001,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean={list(mean)}, std={list(std)}; give three values each, std positive")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if schedule == "step" and not milestones:
@@ -147,6 +160,10 @@ class TrainingTask(L.LightningModule):
         if warmup < 0:
             raise ValueError(f"warmup={warmup}; give a number of steps or epochs >= 0")
         self.save_hyperparameters()  # also the subclass's arguments (Lightning collects every __init__ frame)
+        self._fill_from_weights()  # num_classes, mean and std of a weights tag, saved with the checkpoint
+        mean, std = self.hparams.mean, self.hparams.std
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean={list(mean)}, std={list(std)}; give three values each, std positive")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.model: nn.Module | None = None
@@ -178,6 +195,46 @@ class TrainingTask(L.LightningModule):
 
     # ------------------------------------------------------------ classes, model and input
 
+    def weights_tags(self) -> list[tuple[str, str, WeightsSpec]]:
+        """(argument, tag, spec) of each weights argument of `weights_tables` that holds a tag, in table order."""
+        tags = []
+        for argument, table in self.weights_tables.items():
+            tag = self.hparams.get(argument)
+            if tag is not None and str(tag) in table:
+                tags.append((argument, str(tag), table[str(tag)]))
+        return tags
+
+    def class_layer_tag(self) -> tuple[str, str, WeightsSpec] | None:
+        """The weights tag whose class layer the model keeps: the whole model's, unless `fresh_heads`."""
+        tags = self.weights_tags()
+        first = next(iter(self.weights_tables), None)
+        if not tags or tags[0][0] != first or self.hparams.get("fresh_heads", False):
+            return None
+        return tags[0]
+
+    def _fill_from_weights(self) -> None:
+        """num_classes from the tag whose class layer is kept; mean and std from the first tag (else ImageNet's)."""
+        hp = self.hparams
+        kept = self.class_layer_tag()
+        if kept is not None:
+            argument, tag, _ = kept
+            table = self.weights_tables[argument]
+            hp.num_classes = num_classes_of_weights(hp.num_classes, tag, table, argument=argument)
+        tags = self.weights_tags()
+        for name, imagenet in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            given = hp[name]
+            if not tags:
+                hp[name] = tuple(imagenet) if given is None else tuple(float(v) for v in given)
+                continue
+            argument, tag, spec = tags[0]
+            published = tuple(getattr(spec, name))
+            if given is not None and not _same_values(given, published):
+                raise ValueError(
+                    f"{name}={list(given)}, but the {argument} {tag!r} ({spec.source}) were trained on inputs "
+                    f"normalized with {name}={list(published)}; drop {name} to use theirs"
+                )
+            hp[name] = published
+
     def normalize(self, images: Tensor) -> Tensor:
         """(images - mean) / std of float images in [0, 1] (N, 3, H, W)."""
         return (images - self.mean) / self.std
@@ -200,7 +257,17 @@ class TrainingTask(L.LightningModule):
             self.hparams.num_classes = data_classes
             self.build_model(data_classes)
         else:
-            check_num_classes(int(self.hparams.num_classes), data_classes, exact=self.exact_num_classes)
+            try:
+                check_num_classes(int(self.hparams.num_classes), data_classes, exact=self.exact_num_classes)
+            except ValueError as error:
+                kept = self.class_layer_tag()
+                if kept is None:
+                    raise
+                argument, tag, _ = kept
+                raise ValueError(
+                    f"{error}. model.num_classes={self.hparams.num_classes} is that of the {argument} {tag!r}: set "
+                    f"fresh_heads: true to train the class layers anew for the data's {data_classes} classes"
+                ) from None
         self.hparams.class_names = list(datamodule.class_names)
 
     def configure_model(self) -> None:

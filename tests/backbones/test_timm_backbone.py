@@ -155,6 +155,17 @@ def test_norm_policy_keeps_activations_of_fused_layers():
 
 
 @random_frozen
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])  # stride 2 first, or stride 4 first
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_strides_are_timms_own_reductions(name, output_stride):
+    backbone = create_backbone(f"timm/{name}", out_indices=(1, 2, 3, 4), output_stride=output_stride)
+    assert [info.stride for info in backbone.feature_info] == backbone.model.feature_info.reduction()
+    assert [info.stride for info in backbone.feature_info] == [min(s, output_stride) for s in (4, 8, 16, 32)]
+    with torch.no_grad():  # and they are the strides of what it returns
+        features = backbone.eval()(torch.randn(1, 3, 64, 64))
+    assert [64 // f.shape[-1] for f in features.values()] == [info.stride for info in backbone.feature_info]
+
+
 def test_frozen_stages_out_of_range_is_an_error():
     with pytest.raises(ValueError, match=r"frozen_stages=5; choose -1 \(none\), 0 \(stem\) up to 4"):
         create_backbone("timm/resnet18", frozen_stages=5)

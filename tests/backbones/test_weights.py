@@ -273,3 +273,21 @@ def test_unreachable_tag_says_what_to_fetch_and_where(hub, monkeypatch):
     assert "resnet18.offline_in1k" in message and url in message
     assert str(hub / "resnet18-0123abcd.pth") in message
     assert not hub.exists() or not any(hub.iterdir())
+
+
+def test_class_layers_count_the_classes_of_every_task():
+    import detection.models
+    import segmentation.models
+    from backbones.weights import count_classes
+    from backbones.weights_table import CLASS_LAYERS
+
+    zeros = torch.zeros
+    assert count_classes({"model.fc.weight": zeros(6, 8)}, CLASS_LAYERS) == 6  # a Lightning checkpoint's key
+    assert count_classes({"head.norm.weight": zeros(8), "head.fc.weight": zeros(5, 8)}, CLASS_LAYERS) == 5  # timm's
+    detector = {"roi_heads.box_predictor.bbox_pred.weight": zeros(364, 8),
+                "roi_heads.box_predictor.cls_score.weight": zeros(91, 8)}  # fmt: skip
+    assert count_classes(detector, detection.models.CLASS_LAYERS) == 91  # the class scores, not the 4 box rows each
+    deeplab = {"aux_classifier.4.weight": zeros(21, 8, 1, 1), "classifier.predictor.weight": zeros(21, 8, 1, 1)}
+    assert count_classes(deeplab, segmentation.models.CLASS_LAYERS) == 21
+    assert count_classes({"backbone.aux_classifier.4.weight": zeros(3, 8)}, ("classifier.4",)) is None  # not a suffix
+    assert segmentation.models.HEAD_PREFIXES == ("classifier.4.", "classifier.predictor.", "aux_classifier.4.")

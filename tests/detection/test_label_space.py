@@ -141,7 +141,8 @@ def test_label_space_follows_the_weights_tag():
 
 
 def test_readme_command_for_published_weights_uses_their_label_space(tmp_path, monkeypatch):
-    """The README's validate command for torchvision's COCO Mask R-CNN builds it in the category-id space."""
+    """The README's validate command for torchvision's COCO Mask R-CNN builds it in the category-id space, with
+    the tag's 91 classes."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     from detection.weights_table import DETECTION_WEIGHTS
@@ -156,9 +157,10 @@ def test_readme_command_for_published_weights_uses_their_label_space(tmp_path, m
     cli = load_tool("train_det").main([
         "--config", str(TOOLS.parent / "configs/detection/mask_rcnn_r50_fpn_1x_coco.yaml"),
         "--model.weights", "mask_rcnn_r50_fpn.tv_coco", "--model.backbone_weights", "null",
-        "--model.num_classes", "91", "--trainer.accelerator", "cpu",
+        "--trainer.accelerator", "cpu",
     ], run=False)  # fmt: skip
     assert cli.model.hparams.label_space == "category_id"
+    assert cli.model.hparams.num_classes == 91  # the tag's, without --model.num_classes
     ours, theirs = cli.model.model.state_dict(), published.state_dict()
     assert set(ours) == {key for key in theirs if not key.endswith("num_batches_tracked")}  # frozen BN keeps none
     assert all(torch.equal(value, theirs[key]) for key, value in ours.items())

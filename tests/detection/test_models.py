@@ -124,6 +124,32 @@ def test_dc5_is_detectron2s_dc5():
     assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (6000, 1000)
 
 
+def test_anchor_sizes_follow_the_pyramid_strides(backbone="resnet18"):
+    tiny = dict(num_classes=3, fpn_channels=8, box_head_dim=8)
+    fpn = build_model("faster_rcnn", backbone=backbone, neck="fpn", **tiny)
+    assert [info.stride for info in fpn.backbone.feature_info] == [4, 8, 16, 32, 64]
+    assert fpn.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))  # torchvision's, 8x each stride
+    dc5 = build_model("faster_rcnn", backbone=backbone, neck="dc5", **tiny)
+    assert dc5.rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),)  # detectron2's DC5: all on the one map
+    given = build_model("faster_rcnn", backbone=backbone, neck="fpn", anchor_sizes=[8, 16, 32, 64, 128], **tiny)
+    assert given.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+
+
+def test_weights_tag_gives_num_classes_as_torchvisions_weights():
+    from backbones.weights import weights_from_checkpoint
+
+    tiny = dict(fpn_channels=8, box_head_dim=8)
+    with weights_from_checkpoint():  # the architecture only: nothing is fetched
+        model = build_model("faster_rcnn_r18_fpn", weights="faster_rcnn_r50_fpn.tv_coco", **tiny)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 91
+    with pytest.raises(ValueError, match=r"num_classes=5, but the weights 'faster_rcnn_r50_fpn.tv_coco' .*=91"):
+        build_model("faster_rcnn_r18_fpn", num_classes=5, weights="faster_rcnn_r50_fpn.tv_coco", **tiny)
+    with pytest.raises(ValueError, match=r"not given and weights=None is no tag of detection.weights_table"):
+        build_model("faster_rcnn_r18_fpn", **tiny)
+    with pytest.raises(ValueError, match="not given and fresh_heads trains the class layers anew"):
+        build_model("faster_rcnn_r18_fpn", weights="faster_rcnn_r50_fpn.tv_coco", fresh_heads=True, **tiny)
+
+
 def test_dc5_proposal_counts_yield_to_the_users():
     model = build_model("faster_rcnn", backbone="resnet18", neck="dc5", num_classes=3, rpn_pre_nms_top_n_test=300)
     model.eval()

@@ -103,6 +103,38 @@ def test_default_atrous_rates_follow_output_stride():
     assert [branch[0].dilation for branch in model.classifier[0].convs[1:-1]] == [(2, 2), (4, 4)]
 
 
+# The rates before they were read from the backbone: fixed by the output_stride argument.
+RATES_OF_OUTPUT_STRIDE = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "timm/resnet18"])
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_atrous_rates_come_from_the_backbones_last_stride(backbone, output_stride):
+    model = build_model("deeplabv3plus", backbone=backbone, num_classes=3, output_stride=output_stride,
+                        aspp_channels=8, decoder_channels=8)  # fmt: skip
+    assert model.backbone.feature_info[-1].stride == output_stride
+    rates = tuple(branch[0].dilation[0] for branch in model.classifier.aspp.convs[1:-1])
+    assert rates == RATES_OF_OUTPUT_STRIDE[output_stride]
+
+
+def test_deepest_stride_without_default_rates_asks_for_them():
+    with pytest.raises(ValueError, match=r"deepest features have stride 64; .* 8, 16, 32: give atrous_rates"):
+        atrous_rates_for(64)
+    assert atrous_rates_for(64, (1, 2)) == (1, 2)
+
+
+def test_weights_tag_gives_num_classes():
+    from backbones.weights import weights_from_checkpoint
+
+    with weights_from_checkpoint():  # the architecture only: nothing is fetched
+        model = build_model("deeplabv3_r18", weights="deeplabv3_r50.tv_coco_voc", aspp_channels=8)
+    assert model.classifier[4].out_channels == 21
+    with pytest.raises(ValueError, match=r"num_classes=4, but the weights 'deeplabv3_r50.tv_coco_voc' .*=21"):
+        build_model("deeplabv3_r18", num_classes=4, weights="deeplabv3_r50.tv_coco_voc")
+    with pytest.raises(ValueError, match=r"not given and weights=None is no tag of segmentation.weights_table"):
+        build_model("deeplabv3_r18")
+
+
 def test_multi_grid_reaches_the_last_stage():
     model = build_model("deeplabv3_r50", num_classes=3, output_stride=16, multi_grid=(1, 2, 4))
     dilations = [block.conv2.dilation[0] for block in model.backbone.layer4]

@@ -265,10 +265,12 @@ def test_ema_is_updated_used_for_validation_and_checkpointed(tiny_root, tmp_path
     assert restored.hparams.class_names == list(SHAPES_CLASSIFICATION_CLASSES)
 
 
-def test_num_classes_smaller_than_the_data_is_an_error(tiny_root, tmp_path):
-    task = ClassificationTask(model="resnet18", num_classes=3)
+@pytest.mark.parametrize("num_classes", [3, 7])
+def test_num_classes_other_than_the_data_is_an_error(tiny_root, tmp_path, num_classes):
+    # The labels are the class folders, named one for one in the checkpoint: spare outputs would have no name.
+    task = ClassificationTask(model="resnet18", num_classes=num_classes)
     with pytest.raises(
-        ValueError, match="num_classes=3, but the data module has 6 classes; the model needs at least 6"
+        ValueError, match=f"num_classes={num_classes}, but the data module has 6 classes; the model needs exactly 6"
     ):
         _trainer(tmp_path, fast_dev_run=1).fit(task, datamodule=_tiny_data(tiny_root))
 

@@ -10,11 +10,18 @@ import lightning as L
 import pytest
 import torch
 
+import detection.models
+import segmentation.models
 from backbones.classification import ClassificationTask, ImageFolderDataModule, generate_shapes_classification
 from backbones.training import TrainingTask, check_num_classes
+from backbones.weights import count_classes, weights_from_checkpoint
+from backbones.weights_table import CLASS_LAYERS as CLASSIFIER_LAYERS
+from backbones.weights_table import IMAGENET_MEAN, WEIGHTS, WeightsSpec
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
+from detection.weights_table import DETECTION_WEIGHTS
 from segmentation.task import SegmentationTask
+from segmentation.weights_table import SEGMENTATION_WEIGHTS
 from tests.tools.loader import load_tool
 
 TINY_DETECTOR = {"min_size": 64, "max_size": 64, "fpn_channels": 32, "box_head_dim": 64, "norm": "bn"}
@@ -24,6 +31,8 @@ TASKS = {
     "segmentation": lambda **kw: SegmentationTask(model="deeplabv3plus_r18", model_options=TINY_SEGMENTER, **kw),
     "classification": lambda **kw: ClassificationTask(model="resnet18", **kw),
 }
+CLASS_LAYERS = {"detection": detection.models.CLASS_LAYERS, "segmentation": segmentation.models.CLASS_LAYERS,
+                "classification": CLASSIFIER_LAYERS}  # fmt: skip
 ROOT = Path(__file__).resolve().parents[3]
 BATCHES_PER_EPOCH, EPOCHS = 10, 10
 TOTAL = BATCHES_PER_EPOCH * EPOCHS
@@ -115,6 +124,72 @@ def test_one_normalization_setting_in_every_task():
     assert detector.transform.image_mean == list(mean) and detector.transform.image_std == list(std)
     with pytest.raises(ValueError, match="set the task's mean and std"):
         DetectionTask(num_classes=4, model_options={"image_mean": [0.5, 0.5, 0.5]})
+
+
+# ---------------------------------------------------------------- a weights tag is data the task reads
+
+WEIGHTS_TABLES = {"detection": DETECTION_WEIGHTS, "segmentation": SEGMENTATION_WEIGHTS, "classification": WEIGHTS}
+FAKE_SPEC = WeightsSpec("file:///nowhere/tiny-00000000.pth", "a test's", num_classes=7, mean=(0.5, 0.4, 0.3),
+                        std=(0.25, 0.2, 0.1))  # fmt: skip
+
+
+@pytest.fixture
+def fake_tags(monkeypatch):
+    """A tag `tiny.test` in every task's table (and the backbone table) with 7 classes and its own mean/std."""
+    for table in (*WEIGHTS_TABLES.values(), WEIGHTS):
+        monkeypatch.setitem(table, "tiny.test", FAKE_SPEC)
+    return "tiny.test"
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_weights_tag_fills_num_classes_mean_and_std(task_name, fake_tags):
+    with weights_from_checkpoint():  # builds the model, fetches nothing
+        task = TASKS[task_name](weights=fake_tags)
+    assert task.hparams.num_classes == 7 and task.model is not None
+    assert count_classes(task.model.state_dict(), CLASS_LAYERS[task_name]) == 7
+    assert task.hparams.mean == FAKE_SPEC.mean and task.hparams.std == FAKE_SPEC.std
+    assert torch.equal(task.mean.flatten(), torch.tensor(FAKE_SPEC.mean))
+    fresh = TASKS[task_name](weights=fake_tags, fresh_heads=True)  # classes from the data; the inputs still theirs
+    assert fresh.hparams.num_classes is None and fresh.model is None and fresh.hparams.mean == FAKE_SPEC.mean
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_conflicting_num_classes_mean_or_std_name_both_values_and_the_tag(task_name, fake_tags):
+    with pytest.raises(ValueError, match=r"num_classes=4, but the weights 'tiny.test' \(a test's\) have num_classes=7"):
+        TASKS[task_name](weights=fake_tags, num_classes=4)
+    with pytest.raises(
+        ValueError, match=r"mean=\[0.485, 0.456, 0.406\], but the weights 'tiny.test' .*mean=\[0.5, 0.4"
+    ):
+        TASKS[task_name](weights=fake_tags, num_classes=7, mean=[0.485, 0.456, 0.406])
+    with pytest.raises(ValueError, match=r"std=\[1, 1, 1\], but the weights 'tiny.test' .*std=\[0.25, 0.2, 0.1\]"):
+        TASKS[task_name](weights=fake_tags, num_classes=7, fresh_heads=True, std=[1, 1, 1])
+    with weights_from_checkpoint():
+        assert TASKS[task_name](weights=fake_tags, num_classes=7, mean=[0.5, 0.4, 0.3]).hparams.num_classes == 7
+
+
+def test_backbone_weights_tag_gives_the_default_normalization_not_the_classes(fake_tags):
+    with weights_from_checkpoint():
+        task = TASKS["segmentation"](backbone_weights="resnet18.tv_in1k", num_classes=3)
+    assert task.hparams.mean == IMAGENET_MEAN
+    with pytest.raises(ValueError, match=r"mean=\[0.5, 0.5, 0.5\], but the backbone_weights 'resnet18.tv_in1k'"):
+        TASKS["detection"](backbone_weights="resnet18.tv_in1k", num_classes=3, mean=[0.5, 0.5, 0.5])
+
+
+def test_classes_of_a_tag_that_the_data_does_not_have_suggest_fresh_heads(fake_tags, tmp_path):
+    root = generate_shapes_classification(tmp_path / "cls", train_per_class=1, val_per_class=1, image_size=32, seed=1)
+    data = ImageFolderDataModule(root=str(root), batch_size=2, num_workers=0, crop_size=32, resize_size=32)
+    with weights_from_checkpoint():
+        task = ClassificationTask(model="resnet18", weights=fake_tags)
+    with pytest.raises(
+        ValueError, match=r"model.num_classes=7, but the data module has 6 .*'tiny.test': set fresh_heads"
+    ):
+        _setup_with(task, data)
+
+
+def test_a_checkpoint_keeps_its_own_classes_whatever_the_tag(fake_tags):
+    # Inside weights_from_checkpoint (the tools' loading) the checkpoint's hyper-parameters are the truth.
+    with weights_from_checkpoint():
+        assert ClassificationTask(model="resnet18", weights=fake_tags, num_classes=6).model.fc.out_features == 6
 
 
 # ---------------------------------------------------------------- the detection data must fit the model
