@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from backbones.training import TrainingTask, check_finite_losses
+from backbones.training.figures import log_figures
 
 from .evaluation import COCOEvaluator
 from .models import PRESETS, build_model, check_build_args
@@ -213,18 +214,21 @@ class DetectionTask(TrainingTask):
         )
 
     def _log_figures(self, stage: str, evaluator: COCOEvaluator) -> None:
-        experiments = [logger.experiment for logger in self.loggers if hasattr(logger.experiment, "add_figure")]
-        if not experiments or not evaluator.last_results:
+        if not evaluator.last_results:
             return
-        from .report import evaluation_figures
 
-        for iou_type in evaluator.iou_types:
-            figures = evaluation_figures(
-                evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
-            )
-            for name, figure in figures.items():
-                for experiment in experiments:
-                    experiment.add_figure(f"{stage}_{iou_type}_{name}", figure, global_step=self.global_step)
+        def figures() -> dict[str, Any]:  # drawn only for a logger that takes figures
+            from .report import evaluation_figures
+
+            drawn = {}
+            for iou_type in evaluator.iou_types:
+                made = evaluation_figures(
+                    evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
+                )
+                drawn.update({f"{stage}_{iou_type}_{name}": figure for name, figure in made.items()})
+            return drawn
+
+        log_figures(self.trainer, figures, self.global_step)
 
     def evaluation_step(self, batch: tuple[list, list], stage: str) -> None:
         images, targets = batch

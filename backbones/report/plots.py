@@ -19,6 +19,7 @@ from matplotlib.patches import Rectangle
 __all__ = [
     "bar_chart",
     "confusion_figure",
+    "image_panels_figure",
     "pr_curve_figure",
     "pr_curve_grid",
     "save_figure",
@@ -191,5 +192,20 @@ def side_by_side_figure(
                     bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "linewidth": 0},
                 )
         axes.set_title(name, fontsize="small")
+        axes.axis("off")
+    return figure
+
+
+def image_panels_figure(panels: Sequence[tuple[np.ndarray, str]], *, suptitle: str = "") -> Figure:
+    """Pictures of one size in a row, each ``(image (H, W, 3) uint8, title)``, e.g. image | truth | prediction."""
+    height, width = panels[0][0].shape[:2]
+    scale = 4.0 / max(height, width)
+    figure = _figure(len(panels) * width * scale + 0.4, height * scale + 0.8)
+    if suptitle:
+        figure.suptitle(suptitle, fontsize="small")
+    for index, (picture, title) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        axes.imshow(picture, interpolation="nearest")  # nearest: label colours are not blended at their edges
+        axes.set_title(title, fontsize="small")
         axes.axis("off")
     return figure
