@@ -77,6 +77,11 @@ class SegmentationTask(TrainingTask):
         if report_bootstrap < 0:
             raise ValueError(f"report_bootstrap={report_bootstrap}; give a number of resamplings >= 0")
         super().__init__(lr=lr, schedule=schedule, **kwargs)
+        # Settings of this run's evaluation, not of the model: kept out of the checkpoint's hyperparameters,
+        # which LightningCLI would otherwise put over `--model.report_dir` when validating `--ckpt_path FILE`.
+        self.report_dir, self.report_bootstrap, self.report_seed = report_dir, report_bootstrap, report_seed
+        for key in ("report_dir", "report_bootstrap", "report_seed"):
+            self.hparams.pop(key)
         if self.hparams.num_classes is not None:
             self.build_model(self.hparams.num_classes)
 
@@ -132,7 +137,7 @@ class SegmentationTask(TrainingTask):
             int(self.hparams.num_classes),
             ignore_index=IGNORE_INDEX,
             class_names=self.hparams.class_names,
-            per_image=self.hparams.report_dir is not None,  # the report's bootstrap and worst images
+            per_image=self.report_dir is not None,  # the report's bootstrap and worst images
         )
 
     def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
@@ -142,16 +147,11 @@ class SegmentationTask(TrainingTask):
         self.evaluator(stage).update(logits.argmax(1), masks)
 
     def report_evaluation(self, stage: str, metrics: Mapping[str, float]) -> None:
-        """Logs the IoU and accuracy of each class; on process 0 (not in the sanity check) prints them, logs the
+        """Logs the IoU of each class; on process 0 (not in the sanity check) prints them, logs the
         row-normalised confusion matrix to loggers that take figures and writes the report to `report_dir`."""
         evaluator = self.evaluator(stage)
         per_class = evaluator.per_class()
-        scalars = {
-            f"{stage}_{key}_{name}": values[key]
-            for name, values in per_class.items()
-            for key in ("IoU", "acc")
-            if not math.isnan(values[key])
-        }
+        scalars = {f"{stage}_IoU_{name}": row["IoU"] for name, row in per_class.items() if not math.isnan(row["IoU"])}
         self.log_dict(scalars, sync_dist=False)  # the same on every rank
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
@@ -159,7 +159,7 @@ class SegmentationTask(TrainingTask):
         print(format_per_class_table(per_class, title))
         print(f"{stage}_mIoU {metrics['mIoU']:.4f}  {stage}_pixel_acc {metrics['pixel_acc']:.4f}")
         log_figures(self.trainer, lambda: self._figures(stage, evaluator), self.global_step)
-        if self.hparams.report_dir is not None:
+        if self.report_dir is not None:
             self._write_report(stage, evaluator)
 
     def _figures(self, stage: str, evaluator: SegmentationEvaluator) -> dict[str, Any]:
@@ -172,16 +172,16 @@ class SegmentationTask(TrainingTask):
     def _write_report(self, stage: str, evaluator: SegmentationEvaluator) -> None:
         from .report import segmentation_metrics, write_segmentation_report
 
-        hp = self.hparams
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
         dataset = getattr(loaders, "dataset", None)  # one loader: its dataset holds the evaluated images
         metrics = segmentation_metrics(
             evaluator.total_confusion, evaluator.per_image_statistics, evaluator.class_names,
-            image_names=[str(int(i)) for i in evaluator.image_indices], num_bootstrap=hp.report_bootstrap,
-            seed=hp.report_seed,
+            image_names=[_image_name(dataset, int(i)) for i in evaluator.image_indices],
+            num_bootstrap=self.report_bootstrap,
+            seed=self.report_seed,
         )  # fmt: skip
         write_segmentation_report(
-            hp.report_dir, metrics, load_image=None if dataset is None else self._image_loader(dataset),
+            self.report_dir, metrics, load_image=None if dataset is None else self._image_loader(dataset),
             ignore_index=IGNORE_INDEX, sources={"stage": stage, "epoch": self.current_epoch, "step": self.global_step},
         )  # fmt: skip
 
@@ -205,6 +205,15 @@ class SegmentationTask(TrainingTask):
         """Class indices (N, H, W)."""
         images, _ = batch
         return self(images)["out"].argmax(1)
+
+
+def _image_name(dataset: Any, index: int) -> str:
+    """The file name of image `index` of a folder dataset, the image id of a COCO one, else the index."""
+    if hasattr(dataset, "pairs"):
+        return dataset.pairs[index][0].name
+    if hasattr(dataset, "ids"):
+        return f"image_id {dataset.ids[index]}"
+    return str(index)
 
 
 def _cross_entropy(logits: Tensor, masks: Tensor) -> Tensor:

@@ -126,12 +126,22 @@ def test_validation_logs_per_class_scalars_and_figures_and_writes_the_report(tmp
     with open(next((tmp_path / "logs").rglob("metrics.csv"))) as file:
         columns = next(csv.reader(file))
     per_class = task.evaluator("val").per_class()
-    expected = {f"val_{key}_{name}" for name, row in per_class.items() for key in ("IoU", "acc") if row[key] >= 0}
+    expected = {f"val_IoU_{name}" for name, row in per_class.items() if row["IoU"] >= 0}  # nan: not logged
     assert expected and expected <= set(columns) and expected <= set(logged)
 
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["summary"] == task.evaluator("val").compute() and metrics["num_images"] == 3
     assert metrics["summary"]["mIoU"] == pytest.approx(logged["val_mIoU"])  # logged as float32
-    assert metrics["per_image"]["names"] == ["0", "1", "2"] and metrics["bootstrap"]["draws"] == 20
+    assert metrics["per_image"]["names"] == ["000001.jpg", "000002.jpg", "000003.jpg"]  # the val images, in order
+    assert metrics["bootstrap"]["draws"] == 20
     _, images = _check_page(folder)
     assert {"confusion_matrix.png", "per_class.png"} <= set(images) and "worst_1.png" in images
+
+
+def test_report_settings_stay_out_of_the_checkpoint_hyperparameters():
+    """LightningCLI puts a checkpoint's hyperparameters over the command line's (`validate --ckpt_path FILE`)."""
+    task = SegmentationTask(model="deeplabv3plus_r18", report_dir="report", report_bootstrap=5, report_seed=1)
+    assert (task.report_dir, task.report_bootstrap, task.report_seed) == ("report", 5, 1)
+    assert not {"report_dir", "report_bootstrap", "report_seed"} & set(task.hparams)
+    with pytest.raises(ValueError, match="report_bootstrap=-1"):
+        SegmentationTask(report_bootstrap=-1)
