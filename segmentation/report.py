@@ -167,13 +167,19 @@ def bootstrap_intervals(
 
 
 def class_colours(class_names: Sequence[str]) -> np.ndarray:
-    """(K, 3) uint8 RGB colours of the overlays: matplotlib's qualitative tab20 colours (a rainbow beyond 20
-    classes), black for a background class."""
+    """(K, 3) uint8 RGB colours of the overlays: black for a background class (left uncoloured over an image),
+    matplotlib's qualitative colours for the others (tab10; tab20's dark shades before its light ones; a
+    rainbow beyond 20 classes)."""
     from matplotlib import colormaps
 
     count = len(class_names)
-    colormap = colormaps["tab20"] if count <= 20 else colormaps["turbo"].resampled(count)
-    colours = (np.array([colormap(k)[:3] for k in range(count)]) * 255).round().astype(np.uint8)
+    if count <= 10:
+        rgb = colormaps["tab10"].colors[:count]
+    elif count <= 20:
+        rgb = [colormaps["tab20"].colors[k] for k in (*range(0, 20, 2), *range(1, 20, 2))][:count]
+    else:
+        rgb = colormaps["turbo"].resampled(count)(np.arange(count))[:, :3]
+    colours = (np.asarray(rgb, dtype=np.float64) * 255).round().astype(np.uint8)
     colours[[name in BACKGROUND_NAMES for name in class_names]] = 0
     return colours
 
@@ -276,7 +282,8 @@ def write_segmentation_report(
 
 
 def _overlay_panels(image, truth, prediction, palette, ignore_index: int, alpha: float = 0.5) -> list:
-    """Image | ground truth | prediction; labels coloured over the image (or alone without one)."""
+    """Image | ground truth | prediction; labels coloured over the image (or alone without one); pixels of the
+    ignore index and, over an image, of black classes are left uncoloured."""
     truth, prediction = np.asarray(truth), np.asarray(prediction)
     if truth.shape != prediction.shape:
         raise ValueError(f"ground truth {truth.shape} and prediction {prediction.shape} differ in size")
@@ -286,6 +293,8 @@ def _overlay_panels(image, truth, prediction, palette, ignore_index: int, alpha:
 
     def coloured(labels: np.ndarray) -> np.ndarray:
         known = (labels != ignore_index) & (labels < len(palette))
+        if image is not None:  # black (background) classes leave the image as it is
+            known &= palette[np.minimum(labels, len(palette) - 1)].any(axis=-1)
         colours = palette[np.where(known, labels, 0)].astype(np.float32)
         weight = 1.0 if image is None else alpha
         mixed = (1 - weight) * base.astype(np.float32) + weight * colours
