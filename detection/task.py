@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from backbones.training import BACKGROUND, TrainingTask, check_finite_losses
+from backbones.training.figures import log_figures
 from backbones.weights_table import WEIGHTS, WeightsSpec
 
 from .evaluation import COCOEvaluator
@@ -54,6 +55,7 @@ class DetectionTask(TrainingTask):
     """
 
     progress_metric = "bbox_AP"
+    run_settings = ("report_dir",)
     weights_tables: ClassVar[dict[str, Mapping[str, WeightsSpec]]] = {
         "weights": DETECTION_WEIGHTS,
         "backbone_weights": WEIGHTS,
@@ -201,10 +203,10 @@ class DetectionTask(TrainingTask):
         if self.global_rank != 0 or self.trainer.sanity_checking:
             return
         self._log_figures(stage, evaluator)
-        if self.hparams.report_dir is None:
+        if self.report_dir is None:
             return
         if not evaluator.last_results:
-            rank_zero_warn(f"no detections in the {stage} evaluation: no report written to {self.hparams.report_dir}")
+            rank_zero_warn(f"no detections in the {stage} evaluation: no report written to {self.report_dir}")
             return
         from .report import write_detection_report  # matplotlib only when a report is asked for
 
@@ -212,7 +214,7 @@ class DetectionTask(TrainingTask):
         write_detection_report(
             evaluator.coco_gt,
             evaluator.last_results,
-            self.hparams.report_dir,
+            self.report_dir,
             iou_types=evaluator.iou_types,
             images_dir=split_paths.get(stage, (None,))[0],
             image_ids=evaluator.last_image_ids,
@@ -220,18 +222,21 @@ class DetectionTask(TrainingTask):
         )
 
     def _log_figures(self, stage: str, evaluator: COCOEvaluator) -> None:
-        experiments = [logger.experiment for logger in self.loggers if hasattr(logger.experiment, "add_figure")]
-        if not experiments or not evaluator.last_results:
+        if not evaluator.last_results:
             return
-        from .report import evaluation_figures
 
-        for iou_type in evaluator.iou_types:
-            figures = evaluation_figures(
-                evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
-            )
-            for name, figure in figures.items():
-                for experiment in experiments:
-                    experiment.add_figure(f"{stage}_{iou_type}_{name}", figure, global_step=self.global_step)
+        def figures() -> dict[str, Any]:  # drawn only for a logger that takes figures
+            from .report import evaluation_figures
+
+            drawn = {}
+            for iou_type in evaluator.iou_types:
+                made = evaluation_figures(
+                    evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
+                )
+                drawn.update({f"{stage}_{iou_type}_{name}": figure for name, figure in made.items()})
+            return drawn
+
+        log_figures(self.trainer, figures, self.global_step)
 
     def evaluation_step(self, batch: tuple[list, list], stage: str) -> None:
         images, targets = batch

@@ -5,13 +5,17 @@ Optimizer, schedule, num_classes and the evaluation hooks are `backbones.trainin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import numpy as np
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from backbones.training import TrainingTask, check_finite_losses
+from backbones.training.figures import log_figures
 from backbones.weights_table import WEIGHTS, WeightsSpec
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
@@ -39,12 +43,19 @@ class SegmentationTask(TrainingTask):
         model_options: more `build_model` arguments (norm, frozen_stages, multi_grid,
             atrous_rates, aspp_channels, decoder_channels, separable, ...).
         aux_weight: weight of the aux head's loss (0.4 as in PSPNet; torchvision's references use 0.5).
+        report_dir: after each evaluation (validate, test, each validation epoch of fit), process 0 writes
+            the evaluation report there (`segmentation.report`: report.html, its figures and metrics.json,
+            with `report_bootstrap` resamplings for the intervals); the worst images are predicted again
+            from the evaluation data to be drawn. None: no report (and no per-image statistics kept).
+        report_bootstrap: image resamplings of the report's confidence intervals (0: none), seeded with
+            `report_seed`.
         lr, schedule: as in `TrainingTask`; the defaults are DeepLab's (lr 0.01, poly decay).
         **kwargs: the other `TrainingTask` settings (num_classes, lr_reference_batch_size, power,
             milestones, warmup, warmup_unit, mean, std, channels_last ...).
     """
 
     progress_metric = "mIoU"
+    run_settings = ("report_dir", "report_bootstrap", "report_seed")
     exact_num_classes = True
     weights_tables: ClassVar[dict[str, Mapping[str, WeightsSpec]]] = {
         "weights": SEGMENTATION_WEIGHTS,
@@ -63,11 +74,16 @@ class SegmentationTask(TrainingTask):
         aux_loss: bool = False,
         model_options: dict[str, Any] | None = None,
         aux_weight: float = 0.4,
+        report_dir: str | None = None,
+        report_bootstrap: int = 1000,
+        report_seed: int = 0,
         lr: float = 0.01,
         schedule: Literal["poly", "cosine", "step", "constant"] = "poly",
         **kwargs: Any,
     ):
         check_build_args(model, dict(model_options or {}, backbone=backbone))  # misspelt names fail now, not later
+        if report_bootstrap < 0:
+            raise ValueError(f"report_bootstrap={report_bootstrap}; give a number of resamplings >= 0")
         super().__init__(lr=lr, schedule=schedule, **kwargs)
         if self.hparams.num_classes is not None:
             self.build_model(self.hparams.num_classes)
@@ -121,7 +137,10 @@ class SegmentationTask(TrainingTask):
 
     def build_evaluator(self, stage: str) -> SegmentationEvaluator:
         return SegmentationEvaluator(
-            int(self.hparams.num_classes), ignore_index=IGNORE_INDEX, class_names=self.hparams.class_names
+            int(self.hparams.num_classes),
+            ignore_index=IGNORE_INDEX,
+            class_names=self.hparams.class_names,
+            per_image=self.report_dir is not None,  # the report's bootstrap and worst images
         )
 
     def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
@@ -131,15 +150,73 @@ class SegmentationTask(TrainingTask):
         self.evaluator(stage).update(logits.argmax(1), masks)
 
     def report_evaluation(self, stage: str, metrics: Mapping[str, float]) -> None:
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            title = f"{stage} per-class metrics (fractions), step {self.global_step}"
-            print(format_per_class_table(self.evaluator(stage).per_class(), title))
-            print(f"{stage}_mIoU {metrics['mIoU']:.4f}  {stage}_pixel_acc {metrics['pixel_acc']:.4f}")
+        """Logs the IoU of each class; on process 0 (not in the sanity check) prints them, logs the
+        row-normalised confusion matrix to loggers that take figures and writes the report to `report_dir`."""
+        evaluator = self.evaluator(stage)
+        per_class = evaluator.per_class()
+        scalars = {f"{stage}_IoU_{name}": row["IoU"] for name, row in per_class.items() if not math.isnan(row["IoU"])}
+        self.log_dict(scalars, sync_dist=False)  # the same on every rank
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        title = f"{stage} per-class metrics (fractions), step {self.global_step}"
+        print(format_per_class_table(per_class, title))
+        print(f"{stage}_mIoU {metrics['mIoU']:.4f}  {stage}_pixel_acc {metrics['pixel_acc']:.4f}")
+        log_figures(self.trainer, lambda: self._figures(stage, evaluator), self.global_step)
+        if self.report_dir is not None:
+            self._write_report(stage, evaluator)
+
+    def _figures(self, stage: str, evaluator: SegmentationEvaluator) -> dict[str, Any]:
+        from .report import confusion_matrix_figure  # matplotlib only when a logger takes figures
+
+        title = f"{stage} pixel confusions, row-normalised, step {self.global_step}"
+        figure = confusion_matrix_figure(evaluator.total_confusion, evaluator.class_names, title=title)
+        return {f"{stage}_confusion_matrix": figure}
+
+    def _write_report(self, stage: str, evaluator: SegmentationEvaluator) -> None:
+        from .report import segmentation_metrics, write_segmentation_report
+
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        dataset = getattr(loaders, "dataset", None)  # one loader: its dataset holds the evaluated images
+        metrics = segmentation_metrics(
+            evaluator.total_confusion, evaluator.per_image_statistics, evaluator.class_names,
+            image_names=[_image_name(dataset, int(i)) for i in evaluator.image_indices],
+            num_bootstrap=self.report_bootstrap,
+            seed=self.report_seed,
+        )  # fmt: skip
+        write_segmentation_report(
+            self.report_dir, metrics, load_image=None if dataset is None else self._image_loader(dataset),
+            ignore_index=IGNORE_INDEX, sources={"stage": stage, "epoch": self.current_epoch, "step": self.global_step},
+        )  # fmt: skip
+
+    def _image_loader(self, dataset: Any):
+        """Image `index` of `dataset` (as evaluated: after the evaluation transforms), its labels and the model's
+        prediction, computed again under the evaluation's precision."""
+
+        def load(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            image, mask = dataset[index]
+            image = torch.as_tensor(image)
+            batch = (image.float() / 255 if image.dtype == torch.uint8 else image.float())[None].to(self.device)
+            context = self.trainer.precision_plugin.val_step_context()
+            with torch.no_grad(), context:
+                prediction = self(batch)["out"].argmax(1)[0]
+            picture = (batch[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            return picture, torch.as_tensor(mask).cpu().numpy(), prediction.cpu().numpy()
+
+        return load
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class indices (N, H, W)."""
         images, _ = batch
         return self(images)["out"].argmax(1)
+
+
+def _image_name(dataset: Any, index: int) -> str:
+    """The file name of image `index` of a folder dataset, the image id of a COCO one, else the index."""
+    if hasattr(dataset, "pairs"):
+        return dataset.pairs[index][0].name
+    if hasattr(dataset, "ids"):
+        return f"image_id {dataset.ids[index]}"
+    return str(index)
 
 
 def _cross_entropy(logits: Tensor, masks: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from matplotlib.patches import Rectangle
 __all__ = [
     "bar_chart",
     "confusion_figure",
+    "image_panels_figure",
     "pr_curve_figure",
     "pr_curve_grid",
     "save_figure",
@@ -118,17 +119,27 @@ def pr_curve_grid(
     return figure
 
 
+MAX_FIGURE_INCHES = 20.0
+MAX_TICK_LABELS = 80  # a label per class up to this many classes, then every n-th
+
+
 def confusion_figure(
     matrix: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str], *, title: str, normalized: bool
 ) -> Figure:
     """A heat map of ``matrix`` (rows: truth, columns: prediction), with the numbers written while they fit."""
-    size = max(4.0, 0.45 * max(len(row_labels), len(column_labels)) + 2)
+    count = max(len(row_labels), len(column_labels))
+    # 0.45 inch a class up to 20 inches (ADE20K's 150 classes would need 70); beyond that smaller ticks, fewer labels
+    size = min(max(4.0, 0.45 * count + 2), MAX_FIGURE_INCHES)
+    every = max(1, math.ceil(count / MAX_TICK_LABELS))
+    font = "x-small" if count <= 40 else "xx-small"
     figure = _figure(size + 1, size)
     axes = figure.add_subplot()
     image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if normalized else max(1, matrix.max()))
     figure.colorbar(image, ax=axes, shrink=0.8)
-    axes.set_xticks(range(len(column_labels)), column_labels, rotation=45, ha="right")
-    axes.set_yticks(range(len(row_labels)), row_labels)
+    columns = range(0, len(column_labels), every)
+    axes.set_xticks(columns, [column_labels[i] for i in columns], rotation=45, ha="right", fontsize=font)
+    rows = range(0, len(row_labels), every)
+    axes.set_yticks(rows, [row_labels[i] for i in rows], fontsize=font)
     axes.set_xlabel("prediction")
     axes.set_ylabel("ground truth")
     axes.set_title(title)
@@ -191,5 +202,20 @@ def side_by_side_figure(
                     bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "linewidth": 0},
                 )
         axes.set_title(name, fontsize="small")
+        axes.axis("off")
+    return figure
+
+
+def image_panels_figure(panels: Sequence[tuple[np.ndarray, str]], *, suptitle: str = "") -> Figure:
+    """Pictures of one size in a row, each ``(image (H, W, 3) uint8, title)``, e.g. image | truth | prediction."""
+    height, width = panels[0][0].shape[:2]
+    scale = 4.0 / max(height, width)
+    figure = _figure(len(panels) * width * scale + 0.4, height * scale + 0.8)
+    if suptitle:
+        figure.suptitle(suptitle, fontsize="small")
+    for index, (picture, title) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        axes.imshow(picture, interpolation="nearest")  # nearest: label colours are not blended at their edges
+        axes.set_title(title, fontsize="small")
         axes.axis("off")
     return figure

@@ -123,6 +123,10 @@ class TrainingTask(L.LightningModule):
     #: the task's weights arguments and the tables resolving their tags, the whole model's first: the first
     #: tag given sets the default mean/std; the first argument's tag sets num_classes unless `fresh_heads`
     weights_tables: ClassVar[dict[str, Mapping[str, WeightsSpec]]] = {}
+    #: arguments that set up this run's evaluation, not the model (e.g. `report_dir`): attributes, kept out of
+    #: the checkpoint's hyper-parameters, which LightningCLI would otherwise put over the command line's values
+    #: when a run validates `--ckpt_path FILE`
+    run_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -160,6 +164,8 @@ class TrainingTask(L.LightningModule):
         if warmup < 0:
             raise ValueError(f"warmup={warmup}; give a number of steps or epochs >= 0")
         self.save_hyperparameters()  # also the subclass's arguments (Lightning collects every __init__ frame)
+        for key in self.run_settings:
+            setattr(self, key, self.hparams.pop(key))
         self._fill_from_weights()  # num_classes, mean and std of a weights tag, saved with the checkpoint
         mean, std = self.hparams.mean, self.hparams.std
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:

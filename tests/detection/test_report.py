@@ -111,3 +111,9 @@ def test_report_code_imports_neither_lightning_nor_pyplot():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_report_dir_is_a_run_setting_not_a_saved_hyperparameter():
+    # LightningCLI puts a checkpoint's hyper-parameters over the command line's when validating --ckpt_path FILE
+    task = DetectionTask(model="faster_rcnn_r18_fpn", report_dir="report")
+    assert task.report_dir == "report" and "report_dir" not in task.hparams

@@ -91,10 +91,12 @@ def _rank_worker(rank, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        evaluator = SegmentationEvaluator(4)
-        rows = slice(0, 1) if rank == 0 else slice(1, 3)  # each rank sees part of the data
+        evaluator = SegmentationEvaluator(4, per_image=True)
+        rows = [0, 2] if rank == 0 else [1]  # each rank sees part of the data, as eval_sampler deals it
         evaluator.update(PREDICTION[rows], TARGET[rows])
-        queue.put((rank, evaluator.compute(), evaluator.total_confusion.tolist()))
+        metrics = evaluator.compute()
+        per_image = (evaluator.per_image_statistics.tolist(), evaluator.image_indices.tolist())
+        queue.put((rank, metrics, evaluator.total_confusion.tolist(), per_image))
     finally:
         dist.destroy_process_group()
 
@@ -105,6 +107,10 @@ def test_confusion_matrix_is_summed_over_processes():
     mp.start_processes(_rank_worker, args=(_free_port(), queue), nprocs=2, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
     expected = hand_computed()[0].tolist()
-    for _, metrics, confusion in results:
+    alone = SegmentationEvaluator(4, per_image=True)
+    alone.update(PREDICTION, TARGET)
+    alone.compute()
+    for _, metrics, confusion, (statistics, indices) in results:
         assert confusion == expected
+        assert statistics == alone.per_image_statistics.tolist() and indices == [0, 1, 2]  # gathered in data order
         assert metrics["pixel_acc"] == pytest.approx(0.7)
