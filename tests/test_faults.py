@@ -55,6 +55,28 @@ class HoldAtStep(L.Callback):
             time.sleep(self.seconds)
 
 
+class PauseAtStep(L.Callback):
+    """Writes `marker` when step `step` is about to start, then waits for the signal that stops the run."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 120.0):
+        self.step, self.marker, self.seconds = step, marker, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(str(os.getpid()))
+            deadline = time.monotonic() + self.seconds
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+class RecordSteps(L.Callback):
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append(trainer.global_step)
+
+
 class PoisonBoxRegression(L.Callback):
     """Makes the box head's regression output NaN from training step `step` on, after hashing last.ckpt."""
 
@@ -167,6 +189,52 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes, tmp_path):
     metrics = reference.trainer.callback_metrics
     assert {"train_loss", "val_bbox_AP", "val_bbox_AP50"} <= set(metrics)
     torch.testing.assert_close(dict(resumed.trainer.callback_metrics), dict(metrics), rtol=0, atol=0, equal_nan=True)
+
+
+def _interrupt_at(command: list[str], marker: Path, log: Path) -> subprocess.Popen:
+    """Runs `command`, sends it SIGINT (a Ctrl-C) once `marker` exists, and waits for it to end."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                assert process.poll() is None, f"the run ended before it was interrupted:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the run never reached the step"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+            process.wait()
+    return process
+
+
+@pytest.mark.slow  # two runs of the detection tool, one of them a process of its own (about a minute on 2 busy cores)
+def test_ctrl_c_mid_epoch_then_ckpt_path_last_continues_from_that_step(shapes, tmp_path):
+    """The README's resume line with a real interrupt: the shipped config saves only every 50 steps, so the
+    checkpoint that the resumed run starts from is the one written on Ctrl-C, mid-epoch."""
+    config = f"--config={ROOT / 'configs' / 'detection' / 'faster_rcnn_r18_fpn_shapes.yaml'}"
+    args = [config, *fit_args(shapes, tmp_path, every_n_train_steps=50)[1:]]
+    args = [arg for arg in args if not arg.startswith("--trainer.callbacks")]  # the config's own checkpoints
+    marker = tmp_path / "pausing"
+    command = [sys.executable, str(ROOT / "tools" / "train_det.py"), "fit", *args,
+               "--trainer.callbacks+=tests.test_faults.PauseAtStep", "--trainer.callbacks.step=5",
+               f"--trainer.callbacks.marker={marker}"]  # fmt: skip
+    log = tmp_path / "interrupted.log"
+    process = _interrupt_at(command, marker, log)
+    assert process.returncode == 1, log.read_text()[-3000:]
+    assert "Ctrl-C: stopping after this step" in log.read_text()
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)  # step 6 (epoch 1, batch 2) ended, then saved
+    assert (checkpoint["ShapesDataModule"]["epoch"], checkpoint["ShapesDataModule"]["batches_done"]) == (1, 2)
+
+    resumed = train_det.main(["fit", *args, "--ckpt_path=last", "--trainer.callbacks+=tests.test_faults.RecordSteps"])
+    assert resumed.trainer.ckpt_path == str(last)
+    steps = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, RecordSteps)).steps
+    assert steps == [6, 7] and resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    assert {"val_bbox_AP", "val_bbox_AP50"} <= set(resumed.trainer.callback_metrics)  # finished, validated
 
 
 def _grouped(epoch: int | None = None, resume: tuple[int, int] | None = None) -> GroupedBatchSampler:

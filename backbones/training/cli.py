@@ -103,9 +103,20 @@ class _Parser(LightningArgumentParser):
     """Reports a misspelt option (on the command line or in a YAML, of the trainer, the model or the data
     module) as one line naming the closest valid names, as the model registry does for a model name."""
 
+    _checkpoint_hparams = False  # while LightningCLI parses the hyper-parameters of `--ckpt_path`
+
+    def parse_object(self, *args, **kwargs):
+        # LightningCLI's only use: a checkpoint's hyper-parameters, whose unknown keys are no typo of the
+        # user's but a checkpoint of another task; that error is left as it is
+        self._checkpoint_hparams = True
+        try:
+            return super().parse_object(*args, **kwargs)
+        finally:
+            self._checkpoint_hparams = False
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         line = unknown_option_message(getattr(ex, "subcommand_parser", None) or self, message)
-        if line is None or not self.exit_on_error:
+        if line is None or self._checkpoint_hparams or not self.exit_on_error:
             super().error(message, ex)
         print(f"{Path(sys.argv[0]).stem}: error: {line}", file=sys.stderr)
         self.exit(EXIT_BAD_INPUT)
