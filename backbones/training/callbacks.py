@@ -12,6 +12,8 @@ exclusive) and saves nothing when a run is interrupted. What Lightning 2.6 does 
 `LastCheckpoint` turns the first Ctrl-C into Lightning's SIGTERM stop, so both signals stop at the
 end of a step, from where the checkpoint resumes exactly (the data modules' samplers skip the batches
 already trained on, see `backbones.training.samplers`). A second Ctrl-C stops at once, as usual.
+A Ctrl-C during the validation of an epoch stops after it: Lightning 2.6 cannot resume a validation
+it stopped halfway (it goes on with the next epoch, or ends, without that epoch's metrics).
 """
 
 from __future__ import annotations
@@ -51,18 +53,27 @@ class LastCheckpoint(ModelCheckpoint):
             raise ValueError(f"every_n_train_steps={every_n_train_steps}; give the steps between saves (>= 1)")
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps)
         self._sigint_handler: Any = None  # the handler ours replaced while fitting, None when ours is not set
+        self._trainer: L.Trainer | None = None
+        self._stop_after_validation = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._sigint_handler = signal.signal(signal.SIGINT, self._stop_after_this_step)
+            self._trainer, self._stop_after_validation = trainer, False
+            self._sigint_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
 
-    def _stop_after_this_step(self, signum: int, frame: Any) -> None:
+    def _on_ctrl_c(self, signum: int, frame: Any) -> None:
+        validating = self._trainer is not None and self._trainer.validating
         self._restore_sigint()  # a second Ctrl-C stops at once
-        rank_zero_info("\nCtrl-C: stopping after this step and saving last.ckpt (press Ctrl-C again to stop at once)")
-        signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop at the end of the current batch
+        if validating:
+            rank_zero_info("\nCtrl-C: stopping after this validation (press Ctrl-C again to stop at once)")
+            self._stop_after_validation = True
+        else:
+            rank_zero_info("\nCtrl-C: stopping after this step, saving last.ckpt (press Ctrl-C again to stop at once)")
+            signal.raise_signal(signal.SIGTERM)  # Lightning's handler: stop at the end of the current batch
 
     def _restore_sigint(self) -> None:
+        self._trainer = None
         if self._sigint_handler is not None:
             signal.signal(signal.SIGINT, self._sigint_handler)
             self._sigint_handler = None
@@ -71,7 +82,10 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_last(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pass  # saved at the end of the training epoch already; a validation changes no weights
+        # nothing to save (a validation changes no weights; the epoch's end saves)
+        if self._stop_after_validation:
+            self._stop_after_validation = False
+            signal.raise_signal(signal.SIGTERM)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_sigint()

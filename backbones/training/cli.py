@@ -79,14 +79,18 @@ def finished_run(checkpoint: Path, trainer: L.Trainer) -> str | None:
     """Why `fit` from `checkpoint` would train nothing with this trainer's limits, or None if it would train.
 
     Read as Lightning decides when fitting stops: the epochs whose training ended, `max_epochs`, and the
-    global step, `max_steps`. The checkpoint is memory-mapped: its tensors are not read.
+    global step, `max_steps`. An epoch whose last step is done counts as ended although the checkpoint
+    was written before the epoch's end hooks (at its last step, or stopped during its validation): Lightning
+    resumes after it. The checkpoint is memory-mapped: its tensors are not read.
     """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     step = state.get("global_step", 0)
     try:
-        epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        fit_loop = state["loops"]["fit_loop"]
+        epochs, started = (fit_loop["epoch_progress"]["current"][key] for key in ("processed", "started"))
     except (KeyError, TypeError):
         return None  # not saved by a fit (e.g. weights only): Lightning reports what it cannot restore
+    epochs += int(started > epochs and fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", False))
     end = f"{checkpoint} is the end of a finished run ({epochs} epochs, step {step})"
     if trainer.max_steps != -1 and step >= trainer.max_steps:
         return f"{end}: max_steps={trainer.max_steps} reached; to train longer, give a larger --trainer.max_steps"

@@ -72,9 +72,12 @@ def test_a_signal_mid_epoch_saves_last_and_the_run_continues_from_there(signum, 
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6  # saved at the end
 
 
-def _checkpoint(path: Path, *, epochs: int, step: int, mtime: int) -> Path:
+def _checkpoint(path: Path, *, epochs: int, step: int, mtime: int, last_step_done: bool = False) -> Path:
+    """A checkpoint as Lightning writes it: `epochs` ended; with `last_step_done`, the next one's last step too
+    (saved before that epoch's end: at its last step, or stopped during its validation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    loops = {"fit_loop": {"epoch_progress": {"current": {"processed": epochs}}}}
+    epoch_progress = {"current": {"processed": epochs, "started": epochs + int(last_step_done)}}
+    loops = {"fit_loop": {"epoch_progress": epoch_progress, "epoch_loop.batch_progress": {"is_last_batch": True}}}
     torch.save({"global_step": step, "loops": loops}, path)
     os.utime(path, (mtime, mtime))
     return path
@@ -96,6 +99,8 @@ def test_fit_from_a_finished_run_says_so_and_how_to_train_longer(tmp_path, capsy
     assert "max_epochs=1 reached" in finished_run(finished, trainer)
     assert finished_run(finished, SimpleNamespace(max_steps=-1, fit_loop=SimpleNamespace(max_epochs=2))) is None
     assert "max_steps=450 reached" in finished_run(finished, SimpleNamespace(max_steps=450, fit_loop=trainer.fit_loop))
+    stopped_validating = _checkpoint(tmp_path / "v.ckpt", epochs=0, step=450, mtime=0, last_step_done=True)
+    assert "(1 epochs, step 450): max_epochs=1 reached" in finished_run(stopped_validating, trainer)
 
     monkeypatch.setattr("sys.argv", ["train_cls.py"])
     with pytest.raises(SystemExit) as exit_:  # before any data or training
