@@ -30,6 +30,7 @@ from detection.models import HEAD_PREFIXES as DETECTION_HEADS
 from detection.task import DetectionTask
 from segmentation.models import HEAD_PREFIXES as SEGMENTATION_HEADS
 from segmentation.task import SegmentationTask
+from tests.backbones.training.test_callbacks import RecordSteps
 from tests.tools.loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,19 +45,8 @@ STEPS_PER_EPOCH = 4  # 8 training images, batches of 2
 
 
 class HoldAtStep(L.Callback):
-    """Writes `marker` and sleeps when batch `step` is about to start (the killed run waits there for SIGKILL)."""
-
-    def __init__(self, step: int, marker: str, seconds: float = 120.0):
-        self.step, self.marker, self.seconds = step, marker, seconds
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            Path(self.marker).write_text(str(os.getpid()))
-            time.sleep(self.seconds)
-
-
-class PauseAtStep(L.Callback):
-    """Writes `marker` when step `step` is about to start, then waits for the signal that stops the run."""
+    """Writes `marker` when batch `step` is about to start, then waits there (for SIGKILL, or until a
+    SIGINT or SIGTERM asks the run to stop, which it then does after this step)."""
 
     def __init__(self, step: int, marker: str, seconds: float = 120.0):
         self.step, self.marker, self.seconds = step, marker, seconds
@@ -67,14 +57,6 @@ class PauseAtStep(L.Callback):
             deadline = time.monotonic() + self.seconds
             while not trainer.received_sigterm and time.monotonic() < deadline:
                 time.sleep(0.05)
-
-
-class RecordSteps(L.Callback):
-    def __init__(self):
-        self.steps: list[int] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.steps.append(trainer.global_step)
 
 
 class PoisonBoxRegression(L.Callback):
@@ -154,20 +136,8 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes, tmp_path):
         "--trainer.callbacks+=tests.test_faults.HoldAtStep", "--trainer.callbacks.step=7",
         f"--trainer.callbacks.marker={marker}",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     log = tmp_path / "killed.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while not marker.exists():
-                assert process.poll() is None, f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "the run never reached step 7"
-                time.sleep(0.05)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait()
+    process = _signal_when_marked(command, marker, log, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
 
     last = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -191,18 +161,18 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes, tmp_path):
     torch.testing.assert_close(dict(resumed.trainer.callback_metrics), dict(metrics), rtol=0, atol=0, equal_nan=True)
 
 
-def _interrupt_at(command: list[str], marker: Path, log: Path) -> subprocess.Popen:
-    """Runs `command`, sends it SIGINT (a Ctrl-C) once `marker` exists, and waits for it to end."""
+def _signal_when_marked(command: list[str], marker: Path, log: Path, signum: int) -> subprocess.Popen:
+    """Runs `command` (its output to `log`), sends it `signum` once `marker` exists and waits for it to end."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while not marker.exists():
-                assert process.poll() is None, f"the run ended before it was interrupted:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "the run never reached the step"
+                assert process.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"the run never wrote {marker}"
                 time.sleep(0.05)
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             process.wait(timeout=120)
         finally:
             process.kill()
@@ -219,10 +189,10 @@ def test_ctrl_c_mid_epoch_then_ckpt_path_last_continues_from_that_step(shapes, t
     args = [arg for arg in args if not arg.startswith("--trainer.callbacks")]  # the config's own checkpoints
     marker = tmp_path / "pausing"
     command = [sys.executable, str(ROOT / "tools" / "train_det.py"), "fit", *args,
-               "--trainer.callbacks+=tests.test_faults.PauseAtStep", "--trainer.callbacks.step=5",
+               "--trainer.callbacks+=tests.test_faults.HoldAtStep", "--trainer.callbacks.step=5",
                f"--trainer.callbacks.marker={marker}"]  # fmt: skip
     log = tmp_path / "interrupted.log"
-    process = _interrupt_at(command, marker, log)
+    process = _signal_when_marked(command, marker, log, signal.SIGINT)
     assert process.returncode == 1, log.read_text()[-3000:]
     assert "Ctrl-C: stopping after this step" in log.read_text()
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -230,7 +200,9 @@ def test_ctrl_c_mid_epoch_then_ckpt_path_last_continues_from_that_step(shapes, t
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)  # step 6 (epoch 1, batch 2) ended, then saved
     assert (checkpoint["ShapesDataModule"]["epoch"], checkpoint["ShapesDataModule"]["batches_done"]) == (1, 2)
 
-    resumed = train_det.main(["fit", *args, "--ckpt_path=last", "--trainer.callbacks+=tests.test_faults.RecordSteps"])
+    resumed = train_det.main(
+        ["fit", *args, "--ckpt_path=last", f"--trainer.callbacks+={RecordSteps.__module__}.RecordSteps"]
+    )
     assert resumed.trainer.ckpt_path == str(last)
     steps = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, RecordSteps)).steps
     assert steps == [6, 7] and resumed.trainer.global_step == 2 * STEPS_PER_EPOCH

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from backbones.classification import ClassificationTask, ShapesClassificationDataModule
 from backbones.training.callbacks import LastCheckpoint
@@ -113,3 +114,11 @@ def test_fit_from_a_finished_run_says_so_and_how_to_train_longer(tmp_path, capsy
         "nothing to resume; to train longer, give a larger --trainer.max_epochs (e.g. 2); to start again, leave out "
         "--ckpt_path"
     )
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda path: path.stem)
+def test_every_config_saves_last_ckpt_every_n_steps_and_on_a_signal(config):
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    last = [cb for cb in callbacks if cb["class_path"] == "backbones.training.callbacks.LastCheckpoint"]
+    assert len(last) == 1 and last[0]["init_args"]["every_n_train_steps"] >= 1
+    assert not any((cb.get("init_args") or {}).get("save_last") for cb in callbacks)  # one writer of last.ckpt
