@@ -2,7 +2,8 @@
 
 The resume test kills a real `tools/train_det.py fit` process with SIGKILL in the middle of its
 second epoch and resumes it with `fit --ckpt_path last`; on the CPU with a fixed seed the result
-must equal, bit for bit, that of a run that was never stopped.
+must equal, bit for bit, that of a run that was never stopped. The same for a Ctrl-C (SIGINT) mid-epoch
+with the shipped config, whose only mid-epoch checkpoint is the one written on the interrupt (slow).
 """
 
 from __future__ import annotations
@@ -180,32 +181,39 @@ def _signal_when_marked(command: list[str], marker: Path, log: Path, signum: int
     return process
 
 
-@pytest.mark.slow  # two runs of the detection tool, one of them a process of its own (about a minute on 2 busy cores)
+@pytest.mark.slow  # three runs of the detection tool, one a process of its own (50 s on 2 cores)
 def test_ctrl_c_mid_epoch_then_ckpt_path_last_continues_from_that_step(shapes, tmp_path):
     """The README's resume line with a real interrupt: the shipped config saves only every 50 steps, so the
-    checkpoint that the resumed run starts from is the one written on Ctrl-C, mid-epoch."""
-    config = f"--config={ROOT / 'configs' / 'detection' / 'faster_rcnn_r18_fpn_shapes.yaml'}"
-    args = [config, *fit_args(shapes, tmp_path, every_n_train_steps=50)[1:]]
-    args = [arg for arg in args if not arg.startswith("--trainer.callbacks")]  # the config's own checkpoints
-    marker = tmp_path / "pausing"
-    command = [sys.executable, str(ROOT / "tools" / "train_det.py"), "fit", *args,
+    checkpoint that the resumed run starts from is the one written on Ctrl-C, mid-epoch; the resumed run
+    ends at the weights of one never stopped."""
+
+    def args(run_dir: Path) -> list[str]:
+        config = f"--config={ROOT / 'configs' / 'detection' / 'faster_rcnn_r18_fpn_shapes.yaml'}"
+        # the config's own checkpoint callbacks, not those of fit_args
+        return [config, *(a for a in fit_args(shapes, run_dir, every_n_train_steps=50)[1:] if "callbacks" not in a)]
+
+    reference = train_det.main(["fit", *args(tmp_path / "reference")])
+    marker, run_dir = tmp_path / "pausing", tmp_path / "interrupted"
+    command = [sys.executable, str(ROOT / "tools" / "train_det.py"), "fit", *args(run_dir),
                "--trainer.callbacks+=tests.test_faults.HoldAtStep", "--trainer.callbacks.step=5",
                f"--trainer.callbacks.marker={marker}"]  # fmt: skip
     log = tmp_path / "interrupted.log"
     process = _signal_when_marked(command, marker, log, signal.SIGINT)
     assert process.returncode == 1, log.read_text()[-3000:]
     assert "Ctrl-C: stopping after this step" in log.read_text()
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)  # step 6 (epoch 1, batch 2) ended, then saved
     assert (checkpoint["ShapesDataModule"]["epoch"], checkpoint["ShapesDataModule"]["batches_done"]) == (1, 2)
 
-    resumed = train_det.main(
-        ["fit", *args, "--ckpt_path=last", f"--trainer.callbacks+={RecordSteps.__module__}.RecordSteps"]
-    )
+    record = f"--trainer.callbacks+={RecordSteps.__module__}.RecordSteps"
+    resumed = train_det.main(["fit", *args(run_dir), "--ckpt_path=last", record])
     assert resumed.trainer.ckpt_path == str(last)
     steps = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, RecordSteps)).steps
     assert steps == [6, 7] and resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    expected, actual = reference.model.state_dict(), resumed.model.state_dict()
+    different = [k for k in expected if not torch.equal(expected[k], actual[k])]
+    assert not different, f"{len(different)} tensors differ after resuming, e.g. {different[:5]}"
     assert {"val_bbox_AP", "val_bbox_AP50"} <= set(resumed.trainer.callback_metrics)  # finished, validated
 
 
