@@ -2,7 +2,8 @@
 
 The resume test kills a real `tools/train_det.py fit` process with SIGKILL in the middle of its
 second epoch and resumes it with `fit --ckpt_path last`; on the CPU with a fixed seed the result
-must equal, bit for bit, that of a run that was never stopped.
+must equal, bit for bit, that of a run that was never stopped. The same for a Ctrl-C (SIGINT) mid-epoch
+with the shipped config, whose only mid-epoch checkpoint is the one written on the interrupt (slow).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from detection.models import HEAD_PREFIXES as DETECTION_HEADS
 from detection.task import DetectionTask
 from segmentation.models import HEAD_PREFIXES as SEGMENTATION_HEADS
 from segmentation.task import SegmentationTask
+from tests.backbones.training.test_callbacks import RecordSteps
 from tests.tools.loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +46,8 @@ STEPS_PER_EPOCH = 4  # 8 training images, batches of 2
 
 
 class HoldAtStep(L.Callback):
-    """Writes `marker` and sleeps when batch `step` is about to start (the killed run waits there for SIGKILL)."""
+    """Writes `marker` when batch `step` is about to start, then waits there (for SIGKILL, or until a
+    SIGINT or SIGTERM asks the run to stop, which it then does after this step)."""
 
     def __init__(self, step: int, marker: str, seconds: float = 120.0):
         self.step, self.marker, self.seconds = step, marker, seconds
@@ -52,7 +55,9 @@ class HoldAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             Path(self.marker).write_text(str(os.getpid()))
-            time.sleep(self.seconds)
+            deadline = time.monotonic() + self.seconds
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 class PoisonBoxRegression(L.Callback):
@@ -132,20 +137,8 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes, tmp_path):
         "--trainer.callbacks+=tests.test_faults.HoldAtStep", "--trainer.callbacks.step=7",
         f"--trainer.callbacks.marker={marker}",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     log = tmp_path / "killed.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while not marker.exists():
-                assert process.poll() is None, f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "the run never reached step 7"
-                time.sleep(0.05)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait()
+    process = _signal_when_marked(command, marker, log, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
 
     last = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -167,6 +160,61 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes, tmp_path):
     metrics = reference.trainer.callback_metrics
     assert {"train_loss", "val_bbox_AP", "val_bbox_AP50"} <= set(metrics)
     torch.testing.assert_close(dict(resumed.trainer.callback_metrics), dict(metrics), rtol=0, atol=0, equal_nan=True)
+
+
+def _signal_when_marked(command: list[str], marker: Path, log: Path, signum: int) -> subprocess.Popen:
+    """Runs `command` (its output to `log`), sends it `signum` once `marker` exists and waits for it to end."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                assert process.poll() is None, f"the run ended before the signal:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"the run never wrote {marker}"
+                time.sleep(0.05)
+            process.send_signal(signum)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+            process.wait()
+    return process
+
+
+@pytest.mark.slow  # three runs of the detection tool, one a process of its own (50 s on 2 cores)
+def test_ctrl_c_mid_epoch_then_ckpt_path_last_continues_from_that_step(shapes, tmp_path):
+    """The README's resume line with a real interrupt: the shipped config saves only every 50 steps, so the
+    checkpoint that the resumed run starts from is the one written on Ctrl-C, mid-epoch; the resumed run
+    ends at the weights of one never stopped."""
+
+    def args(run_dir: Path) -> list[str]:
+        config = f"--config={ROOT / 'configs' / 'detection' / 'faster_rcnn_r18_fpn_shapes.yaml'}"
+        # the config's own checkpoint callbacks, not those of fit_args
+        return [config, *(a for a in fit_args(shapes, run_dir, every_n_train_steps=50)[1:] if "callbacks" not in a)]
+
+    reference = train_det.main(["fit", *args(tmp_path / "reference")])
+    marker, run_dir = tmp_path / "pausing", tmp_path / "interrupted"
+    command = [sys.executable, str(ROOT / "tools" / "train_det.py"), "fit", *args(run_dir),
+               "--trainer.callbacks+=tests.test_faults.HoldAtStep", "--trainer.callbacks.step=5",
+               f"--trainer.callbacks.marker={marker}"]  # fmt: skip
+    log = tmp_path / "interrupted.log"
+    process = _signal_when_marked(command, marker, log, signal.SIGINT)
+    assert process.returncode == 1, log.read_text()[-3000:]
+    assert "Ctrl-C: stopping after this step" in log.read_text()
+    last = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)  # step 6 (epoch 1, batch 2) ended, then saved
+    assert (checkpoint["ShapesDataModule"]["epoch"], checkpoint["ShapesDataModule"]["batches_done"]) == (1, 2)
+
+    record = f"--trainer.callbacks+={RecordSteps.__module__}.RecordSteps"
+    resumed = train_det.main(["fit", *args(run_dir), "--ckpt_path=last", record])
+    assert resumed.trainer.ckpt_path == str(last)
+    steps = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, RecordSteps)).steps
+    assert steps == [6, 7] and resumed.trainer.global_step == 2 * STEPS_PER_EPOCH
+    expected, actual = reference.model.state_dict(), resumed.model.state_dict()
+    different = [k for k in expected if not torch.equal(expected[k], actual[k])]
+    assert not different, f"{len(different)} tensors differ after resuming, e.g. {different[:5]}"
+    assert {"val_bbox_AP", "val_bbox_AP50"} <= set(resumed.trainer.callback_metrics)  # finished, validated
 
 
 def _grouped(epoch: int | None = None, resume: tuple[int, int] | None = None) -> GroupedBatchSampler:

@@ -29,7 +29,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from backbones.cli_utils import add_inference_arguments, autocast, for_each_batch, output_paths, reports_errors
 from backbones.data.files import list_images, write_image, write_json
@@ -37,6 +36,7 @@ from backbones.data.images import read_rgb_image
 from backbones.export import EXPORTED_SUFFIXES, load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.tasks import load_task
+from detection.drawing import draw_detections
 from detection.evaluation import to_coco_results
 
 MASK_THRESHOLD = 0.5  # as COCOEvaluator's
@@ -94,18 +94,15 @@ def _finish(key: str, value: Tensor) -> Tensor:
 
 
 def draw(image: Tensor, prediction: dict, names: list[str], threshold: float) -> np.ndarray:
-    """The image (RGB, (H, W, 3) uint8) with the detections scored `threshold` or more drawn on it."""
+    """The image (RGB, (H, W, 3) uint8) with the detections scored `threshold` or more drawn on it
+    (`detection.drawing.draw_detections`: masks in a bright class colour, labels inside the image)."""
     keep = prediction["scores"] >= threshold
     labels = [
         f"{names[int(label)] if int(label) < len(names) else int(label)} {score:.2f}"
         for label, score in zip(prediction["labels"][keep], prediction["scores"][keep], strict=True)
     ]
-    canvas = image
-    if keep.any():
-        if "masks" in prediction:
-            canvas = draw_segmentation_masks(canvas, prediction["masks"][keep], alpha=0.45)
-        canvas = draw_bounding_boxes(canvas, prediction["boxes"][keep], labels=labels, width=2)
-    return canvas.permute(1, 2, 0).numpy()
+    masks = prediction["masks"][keep] if "masks" in prediction else None
+    return draw_detections(image, prediction["boxes"][keep], prediction["labels"][keep], labels, masks)
 
 
 def detect_batch(

@@ -213,8 +213,10 @@ def load_coco_annotations(
     The store is written under ``cache_dir / "coco" / <sha256 of the file>`` (default
     `backbones.data.cache.default_cache_dir`, i.e. ``$RESBONE_CACHE``), atomically, so concurrent
     processes are safe; later calls in any process memory-map it. The hash of a file is remembered
-    with its path, size and modification time, so an unchanged file is not read again. Within a process the same
-    unchanged file gives the same object. If the cache cannot be written the store is kept in memory.
+    with its path and its identity (size, mtime, and the inode and ctime that a rewrite cannot keep, even
+    one that restores the mtime as `cp -p`, `rsync -a` and `tar` do), so an unchanged file is not read again.
+    Within a process the same unchanged file gives the same object. If the cache cannot be written the store
+    is kept in memory.
 
     Args:
         path: the COCO instances JSON.
@@ -231,11 +233,11 @@ def load_coco_annotations(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist")
-    stat = path.stat()
+    identity = _file_identity(path)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(root), cache)
+    key = (str(path.resolve()), *identity.values(), str(root), cache)
     if key not in _OPEN:
-        _OPEN[key] = _open(path, root / "coco", stat.st_size) if cache else _build_in_memory(path)
+        _OPEN[key] = _open(path, root / "coco", identity["size"]) if cache else _build_in_memory(path)
         _OPEN[key].warn_degenerate_polygons()
     return _OPEN[key]
 
@@ -245,11 +247,26 @@ def _build_in_memory(path: Path) -> CocoAnnotations:
     return CocoAnnotations(path, arrays, categories, None)
 
 
-def _content_hash(path: Path, root: Path) -> str:
-    """The file's sha256; remembered per path, size and mtime so that an unchanged file is not read again."""
+def _file_identity(path: Path) -> dict[str, int]:
+    """What tells a file's content has not changed without reading it: size, mtime, and inode and ctime.
+
+    Size and mtime alone can be kept by a rewrite (`cp -p`, `rsync -a` and `tar` restore the mtime);
+    the ctime cannot be set back by a user, and a copy that replaces the file has another inode.
+    """
     stat = path.stat()
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+        "device": stat.st_dev,
+    }
+
+
+def _content_hash(path: Path, root: Path) -> str:
+    """The file's sha256; remembered per path and `_file_identity` so that an unchanged file is not read again."""
     record = root / "hashes" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()}.json"
-    known = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    known = _file_identity(path)
     try:
         remembered = json.loads(record.read_text())
         if {key: remembered.get(key) for key in known} == known:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools.loader import load_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -32,3 +34,28 @@ def test_a_typo_is_one_line_in_a_shell(tool, config, option, line, tmp_path):
     assert "Traceback" not in completed.stderr
     lines = completed.stderr.strip().splitlines()
     assert lines[-1].startswith(line) and lines[:-1] in ([], ["Seed set to 0"])  # Lightning's one log line
+
+
+@pytest.mark.parametrize(
+    "option, yaml, line",
+    [
+        ("--data.batch_sise=4", None, "unknown option 'data.batch_sise' of detection.data.ShapesDataModule; "
+         "closest: data.batch_size"),
+        (None, "data:\n  init_args:\n    batch_sise: 4\n", "unknown option 'data.batch_sise' of "
+         "detection.data.ShapesDataModule; closest: data.batch_size"),
+        (None, "trainer:\n  max_epohcs: 2\n", "unknown option 'trainer.max_epohcs'; closest: trainer.max_epochs"),
+        (None, "trainr:\n  max_epochs: 2\n", "unknown option 'trainr.max_epochs'; closest: trainer.max_epochs"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_data_trainer_or_top_level_key_is_one_line(option, yaml, line, tmp_path, monkeypatch, capsys):
+    """As for the model: `<tool>: error: unknown option ...; closest: ...`, exit status 2, no usage dump."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "tools" / "train_det.py")])
+    args = ["fit", f"--config={ROOT / 'configs' / 'detection' / 'mask_rcnn_r18_fpn_shapes.yaml'}"]
+    if yaml is not None:
+        (tmp_path / "typo.yaml").write_text(yaml)
+        args.append(f"--config={tmp_path / 'typo.yaml'}")
+    with pytest.raises(SystemExit) as exit:
+        load_tool("train_det").main([*args, *([option] if option else []), f"--trainer.default_root_dir={tmp_path}"])
+    assert exit.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train_det: error: {line}"), lines[-3:]

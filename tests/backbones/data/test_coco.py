@@ -4,7 +4,9 @@ import contextlib
 import io
 import json
 import logging
+import os
 import pickle
+import time
 
 import cv2
 import numpy as np
@@ -176,6 +178,29 @@ def test_changed_file_gets_a_new_store(tmp_path):
     after = load_coco_annotations(path)
     assert len(after.categories) == len(before.categories) + 1
     assert len(list((tmp_path / "cache" / "coco").glob("*/COMPLETE"))) == 2
+
+
+@pytest.mark.parametrize("new_process", [False, True])
+def test_a_rewrite_that_keeps_size_and_mtime_gets_a_new_store(tmp_path, monkeypatch, new_process):
+    """`cp -p`, `rsync -a` and `tar` restore the mtime: a same-size rewrite must not be served the old store."""
+    _images, path = write_coco(tmp_path)
+    before = path.stat()
+    assert _names(load_coco_annotations(path))[7] == "triangle"
+    renamed = [{**CATEGORIES[0], "name": CATEGORIES[0]["name"][::-1].upper()}, *CATEGORIES[1:]]
+    text = path.read_text().replace(json.dumps(CATEGORIES), json.dumps(renamed))
+    assert len(text) == before.st_size and text != path.read_text()
+    time.sleep(0.02)  # past the file system's timestamp granularity, as any real rewrite is
+    path.write_text(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if new_process:
+        monkeypatch.setattr(coco_store, "_OPEN", {})  # only the remembered hash on disk is left
+    assert _names(load_coco_annotations(path))[7] == "ELGNAIRT"
+
+
+def _names(store) -> dict[int, str]:
+    return {category["id"]: category["name"] for category in store.categories}
 
 
 def test_pickled_store_maps_the_files_again(tmp_path):
