@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backbones.cli_utils import reports_errors
 from backbones.data.files import IMAGE_SUFFIXES, is_image, write_json
 from backbones.data.images import read_rgb_image
-from backbones.training.tools import reports_errors
 from segmentation.datasets import read_label_mask
 from segmentation.evaluation import SegmentationEvaluator, format_per_class_table
 from segmentation.report import segmentation_metrics, write_segmentation_report

@@ -104,21 +104,16 @@ def reference_detection_targets(path):
 
 
 def reference_semantic_mask(coco, image_id, label_of):
-    """The starting CocoSegmentation.semantic_mask, with pycocotools."""
+    """torchvision's segmentation reference (`references/segmentation/coco_utils.py`), with pycocotools: every
+    chosen instance, crowd regions included, paints its class; a pixel of two or more instances is 255."""
     info = coco.imgs[image_id]
-    mask = np.zeros((info["height"], info["width"]), np.uint8)
-    coverage = np.zeros(mask.shape, np.uint8)
     chosen = [a for a in coco.imgToAnns[image_id] if a["category_id"] in label_of]
-    for annotation in [a for a in chosen if not a.get("iscrowd", 0)]:
-        instance = coco.annToMask(annotation).astype(bool)
-        label = label_of[annotation["category_id"]]
-        clash = instance & (coverage > 0) & (mask != label)
-        coverage[instance & (coverage == 0)] = 1
-        coverage[clash] = 2
-        mask[instance & (coverage == 1)] = label
-    mask[coverage == 2] = IGNORE_INDEX
-    for annotation in [a for a in chosen if a.get("iscrowd", 0)]:
-        mask[coco.annToMask(annotation).astype(bool)] = IGNORE_INDEX
+    if not chosen:
+        return np.zeros((info["height"], info["width"]), np.uint8)
+    masks = np.stack([coco.annToMask(a).astype(np.int64) for a in chosen])
+    labels = np.array([label_of[a["category_id"]] for a in chosen])
+    mask = (masks * labels[:, None, None]).max(axis=0).astype(np.uint8)
+    mask[masks.sum(axis=0) > 1] = IGNORE_INDEX
     return mask
 
 
