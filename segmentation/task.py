@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from backbones.training import TrainingTask, check_finite_losses
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
+from .inference import SegmentationInference
 from .models import build_model, check_build_args
 from .transforms import IGNORE_INDEX
 from .weights_table import SEGMENTATION_WEIGHTS
@@ -36,6 +38,9 @@ class SegmentationTask(TrainingTask):
         model_options: more `build_model` arguments (norm, frozen_stages, multi_grid,
             atrous_rates, aspp_channels, decoder_channels, separable, ...).
         aux_weight: weight of the aux head's loss (0.4 as in PSPNet; torchvision's references use 0.5).
+        inference: how validate, test and predict run the model (`SegmentationInference`: mode whole or
+            slide with crop_size and stride, scales, flip, window_batch_size); None: whole. In YAML
+            `inference: {mode: slide, crop_size: [512, 1024], stride: [341, 683]}`.
         lr, schedule: as in `TrainingTask`; the defaults are DeepLab's (lr 0.01, poly decay).
         **kwargs: the other `TrainingTask` settings (num_classes, lr_reference_batch_size, power,
             milestones, warmup, warmup_unit, mean, std, channels_last ...).
@@ -56,12 +61,16 @@ class SegmentationTask(TrainingTask):
         aux_loss: bool = False,
         model_options: dict[str, Any] | None = None,
         aux_weight: float = 0.4,
+        inference: SegmentationInference | None = None,
         lr: float = 0.01,
         schedule: Literal["poly", "cosine", "step", "constant"] = "poly",
         **kwargs: Any,
     ):
         check_build_args(model, dict(model_options or {}, backbone=backbone))  # misspelt names fail now, not later
+        options = SegmentationInference.create(inference)  # bad options fail now, not at the first validation
+        inference = options.as_dict()  # saved as plain values: checkpoints load with weights_only=True
         super().__init__(lr=lr, schedule=schedule, **kwargs)
+        self.inference = options
         if self.hparams.num_classes is not None:
             self.build_model(self.hparams.num_classes)
 
@@ -117,25 +126,37 @@ class SegmentationTask(TrainingTask):
             int(self.hparams.num_classes), ignore_index=IGNORE_INDEX, class_names=self.hparams.class_names
         )
 
+    def infer(self, images: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Scores (N, num_classes, *size) of images in [0, 1] by the `inference` mode: logits, or with scales or
+        flip averaged probabilities; their arg-max is the prediction. `size` defaults to the images'."""
+        return self.inference(lambda x: self(x)["out"], images, size)
+
     def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, masks = batch
-        logits = self(images)["out"]
-        self.log_eval_loss(stage, _cross_entropy(logits, masks), len(images))
-        self.evaluator(stage).update(logits.argmax(1), masks)
+        scores = self.infer(images, masks.shape[-2:])
+        loss = _cross_entropy(scores, masks, probabilities=self.inference.averages_probabilities)
+        self.log_eval_loss(stage, loss, len(images))
+        self.evaluator(stage).update(scores.argmax(1), masks)
 
     def report_evaluation(self, stage: str, metrics: Mapping[str, float]) -> None:
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             title = f"{stage} per-class metrics (fractions), step {self.global_step}"
-            print(format_per_class_table(self.evaluator(stage).per_class(), title))
+            table = format_per_class_table(self.evaluator(stage).per_class(), title, self.inference.describe())
+            print(table)
             print(f"{stage}_mIoU {metrics['mIoU']:.4f}  {stage}_pixel_acc {metrics['pixel_acc']:.4f}")
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class indices (N, H, W)."""
         images, _ = batch
-        return self(images)["out"].argmax(1)
+        return self.infer(images).argmax(1)
 
 
-def _cross_entropy(logits: Tensor, masks: Tensor) -> Tensor:
-    """Mean cross-entropy over the labelled pixels; 0 (not nan) when a batch has none."""
-    total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+def _cross_entropy(scores: Tensor, masks: Tensor, *, probabilities: bool = False) -> Tensor:
+    """Mean cross-entropy over the labelled pixels of logits (or of averaged `probabilities`); 0 (not nan) when a
+    batch has none."""
+    if probabilities:  # the log of a probability that rounded to 0 is clamped: a finite, large loss
+        log_probabilities = scores.clamp(min=torch.finfo(scores.dtype).tiny).log()
+        total = F.nll_loss(log_probabilities, masks, ignore_index=IGNORE_INDEX, reduction="sum").float()
+    else:
+        total = F.cross_entropy(scores, masks, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
