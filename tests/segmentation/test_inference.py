@@ -8,6 +8,7 @@ from torch import nn
 
 from backbones.weights import load_task_checkpoint
 from segmentation.data import ShapesSegmentationDataModule
+from segmentation.evaluation import SegmentationEvaluator
 from segmentation.inference import SegmentationInference, slide_windows
 from segmentation.task import SegmentationTask
 
@@ -202,6 +203,17 @@ def test_task_validates_in_every_mode_and_the_table_says_which(shapes, capsys, t
     evaluator = whole.evaluator("val")
     assert "inference: whole\n" in whole_table and set(whole_metrics) == {"val_loss", "val_mIoU", "val_pixel_acc",
                                                                           "val_mean_acc"}  # fmt: skip
+    datamodule, _ = shapes
+    whole.eval()
+    with torch.no_grad():  # whole is the model's logits as they were before the modes existed
+        batches = [(whole(x)["out"], y) for x, y in datamodule.val_dataloader()]
+    direct = SegmentationEvaluator(4)
+    for logits, masks in batches:
+        direct.update(logits.argmax(1), masks)
+    direct.compute()
+    assert torch.equal(direct.total_confusion, evaluator.total_confusion)
+    loss = sum(nn.functional.cross_entropy(logits, masks, ignore_index=255) for logits, masks in batches) / len(batches)
+    assert whole_metrics["val_loss"] == pytest.approx(float(loss), rel=1e-6)
     one_scale, metrics, table = validate(shapes, capsys, {"scales": [1.0]})
     assert torch.equal(one_scale.evaluator("val").total_confusion, evaluator.total_confusion)
     assert metrics["val_mIoU"] == whole_metrics["val_mIoU"] and "inference: whole, scales 1 (probabilities" in table
