@@ -76,19 +76,19 @@ def run(args: argparse.Namespace) -> dict:
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     pixels: dict[str, int] = {}
     with torch.inference_mode():
-        for mode, inference in modes.items():
-            forward.pixels = 0
-            for _ in range(max(args.warmup, 1)):  # at least one untimed run: it counts the pixels
+        for inference in modes.values():
+            for _ in range(args.warmup):
                 inference(forward, images)
-            pixels[mode] = forward.pixels // max(args.warmup, 1)
         order = list(modes)
         for repeat in range(args.repeats):
             for mode in order if repeat % 2 == 0 else order[::-1]:
+                forward.pixels = 0
                 _sync(args.device)
                 start = time.perf_counter()
                 modes[mode](forward, images)
                 _sync(args.device)
                 seconds[mode].append((time.perf_counter() - start) / args.batch_size)
+                pixels[mode] = forward.pixels
     image_pixels = args.batch_size * height * width
     base = statistics.median(seconds["whole"])
     rows = []
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/fp16: autocast")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="run the model as built")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode (at least 1: it counts pixels)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("num_classes", "batch_size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; give a positive number")
+    if args.warmup < 0:
+        parser.error(f"--warmup={args.warmup}; give 0 or more")
     if min(args.image_size) < 1:
         parser.error(f"--image-size={args.image_size}; give a positive height and width")
     if args.device == "cuda" and not torch.cuda.is_available():
