@@ -188,14 +188,22 @@ class SegmentationEvaluator:
         }
 
 
-def format_per_class_table(per_class: dict[str, dict[str, float]], title: str = "per-class IoU") -> str:
-    """A text table of ``SegmentationEvaluator.per_class()`` in fractions (as logged); nan (absent class) is "-"."""
+def format_per_class_table(
+    per_class: dict[str, dict[str, float]], title: str = "per-class IoU", inference: str | None = None
+) -> str:
+    """A text table of ``SegmentationEvaluator.per_class()`` in fractions (as logged); nan (absent class) is "-".
+
+    Args:
+        per_class: ``SegmentationEvaluator.per_class()``.
+        title: the first line.
+        inference: how the predictions were made (``SegmentationInference.describe()``), the second line.
+    """
 
     def cell(value: float) -> str:
         return "-" if math.isnan(value) else f"{value:6.4f}"
 
     width = max(len("class"), *(len(name) for name in per_class))
-    lines = [title, f"{'class':<{width}}    IoU    acc gt_share"]
+    lines = [title, *([f"inference: {inference}"] if inference else []), f"{'class':<{width}}    IoU    acc gt_share"]
     for name, values in per_class.items():
         lines.append(f"{name:<{width}} {cell(values['IoU']):>6} {cell(values['acc']):>6} {cell(values['gt_share']):>8}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from backbones.training.figures import log_figures
 from backbones.weights_table import WEIGHTS, WeightsSpec
 
 from .evaluation import SegmentationEvaluator, format_per_class_table
+from .inference import SegmentationInference
 from .models import build_model, check_build_args
 from .transforms import IGNORE_INDEX
 from .weights_table import SEGMENTATION_WEIGHTS
@@ -49,6 +50,9 @@ class SegmentationTask(TrainingTask):
             from the evaluation data to be drawn. None: no report (and no per-image statistics kept).
         report_bootstrap: image resamplings of the report's confidence intervals (0: none), seeded with
             `report_seed`.
+        inference: how validate, test and predict run the model (`SegmentationInference`: mode whole or
+            slide with crop_size and stride, scales, flip, window_batch_size); None: whole. In YAML
+            `inference: {mode: slide, crop_size: [512, 1024], stride: [341, 683]}`.
         lr, schedule: as in `TrainingTask`; the defaults are DeepLab's (lr 0.01, poly decay).
         **kwargs: the other `TrainingTask` settings (num_classes, lr_reference_batch_size, power,
             milestones, warmup, warmup_unit, mean, std, channels_last ...).
@@ -77,6 +81,7 @@ class SegmentationTask(TrainingTask):
         report_dir: str | None = None,
         report_bootstrap: int = 1000,
         report_seed: int = 0,
+        inference: SegmentationInference | None = None,
         lr: float = 0.01,
         schedule: Literal["poly", "cosine", "step", "constant"] = "poly",
         **kwargs: Any,
@@ -84,7 +89,10 @@ class SegmentationTask(TrainingTask):
         check_build_args(model, dict(model_options or {}, backbone=backbone))  # misspelt names fail now, not later
         if report_bootstrap < 0:
             raise ValueError(f"report_bootstrap={report_bootstrap}; give a number of resamplings >= 0")
+        options = SegmentationInference.create(inference)  # bad options fail now, not at the first validation
+        inference = options.as_dict()  # saved as plain values: checkpoints load with weights_only=True
         super().__init__(lr=lr, schedule=schedule, **kwargs)
+        self.inference = options
         if self.hparams.num_classes is not None:
             self.build_model(self.hparams.num_classes)
 
@@ -143,11 +151,17 @@ class SegmentationTask(TrainingTask):
             per_image=self.report_dir is not None,  # the report's bootstrap and worst images
         )
 
+    def infer(self, images: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Scores (N, num_classes, *size) of images in [0, 1] by the `inference` mode: logits, or with scales or
+        flip averaged probabilities; their arg-max is the prediction. `size` defaults to the images'."""
+        return self.inference(lambda x: self(x)["out"], images, size)
+
     def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, masks = batch
-        logits = self(images)["out"]
-        self.log_eval_loss(stage, _cross_entropy(logits, masks), len(images))
-        self.evaluator(stage).update(logits.argmax(1), masks)
+        scores = self.infer(images, masks.shape[-2:])
+        loss = _cross_entropy(scores, masks, probabilities=self.inference.averages_probabilities)
+        self.log_eval_loss(stage, loss, len(images))
+        self.evaluator(stage).update(scores.argmax(1), masks)
 
     def report_evaluation(self, stage: str, metrics: Mapping[str, float]) -> None:
         """Logs the IoU of each class; on process 0 (not in the sanity check) prints them, logs the
@@ -159,7 +173,7 @@ class SegmentationTask(TrainingTask):
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
         title = f"{stage} per-class metrics (fractions), step {self.global_step}"
-        print(format_per_class_table(per_class, title))
+        print(format_per_class_table(per_class, title, self.inference.describe()))
         print(f"{stage}_mIoU {metrics['mIoU']:.4f}  {stage}_pixel_acc {metrics['pixel_acc']:.4f}")
         log_figures(self.trainer, lambda: self._figures(stage, evaluator), self.global_step)
         if self.report_dir is not None:
@@ -198,7 +212,7 @@ class SegmentationTask(TrainingTask):
             batch = (image.float() / 255 if image.dtype == torch.uint8 else image.float())[None].to(self.device)
             context = self.trainer.precision_plugin.val_step_context()
             with torch.no_grad(), context:
-                prediction = self(batch)["out"].argmax(1)[0]
+                prediction = self.infer(batch, tuple(mask.shape[-2:])).argmax(1)[0]
             picture = (batch[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             return picture, torch.as_tensor(mask).cpu().numpy(), prediction.cpu().numpy()
 
@@ -207,7 +221,7 @@ class SegmentationTask(TrainingTask):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class indices (N, H, W)."""
         images, _ = batch
-        return self(images)["out"].argmax(1)
+        return self.infer(images).argmax(1)
 
 
 def _image_name(dataset: Any, index: int) -> str:
@@ -219,7 +233,12 @@ def _image_name(dataset: Any, index: int) -> str:
     return str(index)
 
 
-def _cross_entropy(logits: Tensor, masks: Tensor) -> Tensor:
-    """Mean cross-entropy over the labelled pixels; 0 (not nan) when a batch has none."""
-    total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+def _cross_entropy(scores: Tensor, masks: Tensor, *, probabilities: bool = False) -> Tensor:
+    """Mean cross-entropy over the labelled pixels of logits (or of averaged `probabilities`); 0 (not nan) when a
+    batch has none."""
+    if probabilities:  # the log of a probability that rounded to 0 is clamped: a finite, large loss
+        log_probabilities = scores.clamp(min=torch.finfo(scores.dtype).tiny).log()
+        total = F.nll_loss(log_probabilities, masks, ignore_index=IGNORE_INDEX, reduction="sum").float()
+    else:
+        total = F.cross_entropy(scores, masks, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (masks != IGNORE_INDEX).sum().clamp(min=1)

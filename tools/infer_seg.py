@@ -4,12 +4,17 @@
         image.jpg
     python tools/infer_seg.py last.ckpt images/ --output overlays/ --alpha 0.6 --size 512 --save-masks \\
         [--recursive] [--batch-size 8] [--precision bf16] [--device cuda] [--no-fuse] [--compile]
+    python tools/infer_seg.py last.ckpt images/ --mode slide --crop-size 512 1024 --stride 341 683 \\
+        [--scales 0.5 0.75 1.0 1.25 1.5 1.75] [--flip] [--window-batch-size 8]
 
 Writes `<stem>_overlay.png` (and with `--save-masks` `<stem>_mask.png`, the class indices) per image
 into the output folder (under `--recursive`, into the image's subfolder of it). A batch holds images of
 one size. The model runs on the inference fast path by default: batch norms folded into the convs,
 channels-last memory and `torch.inference_mode()`; `--no-fuse` runs it as trained, `--compile`
 compiles the backbone. `--precision bf16|fp16` autocasts the network; the logits are upsampled in fp32.
+`--mode`, `--crop-size`, `--stride`, `--scales`, `--flip` and `--window-batch-size` choose the inference mode
+(`segmentation.inference.SegmentationInference`, the task's `inference` option): whole image (the default),
+sliding window, and multi-scale + flip (scales relative to the image, or to `--size` when given).
 
 `--format cityscapes` (a model of Cityscapes' 19 train-id classes) writes only `<stem>.png` of
 Cityscapes label ids instead, the files cityscapesScripts' evaluation reads (one per
@@ -43,6 +48,7 @@ from backbones.export import EXPORTED_SUFFIXES, load_exported
 from backbones.fusion import prepare_for_inference
 from backbones.tasks import load_task
 from segmentation.benchmark_datasets import train_ids_to_label_ids
+from segmentation.inference import INFERENCE_MODES, SegmentationInference
 from segmentation.label_tables import CITYSCAPES_CLASSES, class_palette
 from segmentation.label_tables import voc_palette as palette  # noqa: F401 (the tool's colour map, kept by name)
 
@@ -83,18 +89,27 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: list[str], alpha
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, images: list[np.ndarray], device: torch.device, precision: str = "fp32", size: int | None = None
+    model: nn.Module,
+    images: list[np.ndarray],
+    device: torch.device,
+    precision: str = "fp32",
+    size: int | None = None,
+    inference: SegmentationInference | None = None,
 ) -> Tensor:
-    """Logits (N, num_classes, H, W) in fp32, on `device`, of RGB uint8 images of one size (H, W, 3),
-    optionally run with their shorter side at `size` and upsampled back."""
+    """Scores (N, num_classes, H, W), on `device`, of RGB uint8 images of one size (H, W, 3), optionally run with
+    their shorter side at `size` and upsampled back: fp32 logits, or with `inference` scales or flip float64
+    averaged probabilities (`SegmentationInference`; None: whole image)."""
     x = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div(255)  # (N, 3, H, W)
     height, width = x.shape[-2:]
     if size is not None:
         scale = size / min(height, width)
         x = F.interpolate(x, size=(round(height * scale), round(width * scale)), mode="bilinear", antialias=True)
-    with autocast(device, precision):
-        logits = model(x)["out"]
-    return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+
+    def forward(batch: Tensor) -> Tensor:
+        with autocast(device, precision):
+            return model(batch)["out"].float()
+
+    return (inference or SegmentationInference())(forward, x, (height, width))
 
 
 def segment_batch(
@@ -103,7 +118,7 @@ def segment_batch(
     """Segments a batch of `(index, image)` pairs of one size and writes `overlays[index]` (and with
     `--save-masks` `masks[index]`) of each."""
     indices, images = zip(*batch, strict=True)
-    labels = predict(segmenter.model, list(images), args.device, args.precision, args.size).argmax(1)
+    labels = predict(segmenter.model, list(images), args.device, args.precision, args.size, args.inference).argmax(1)
     for index, image, classes in zip(indices, images, labels.to(torch.uint8).cpu().numpy(), strict=True):
         if args.format == "cityscapes":
             write_image(masks[index], train_ids_to_label_ids(classes))
@@ -128,6 +143,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--format", choices=("overlay", "cityscapes"), default="overlay",
         help="overlay: colour overlays (and --save-masks); cityscapes: only <stem>.png of Cityscapes label ids",
     )  # fmt: skip
+    mode = parser.add_argument_group("inference mode (as the task's `inference` option)")
+    mode.add_argument("--mode", choices=INFERENCE_MODES, default="whole", help="whole image or sliding window")
+    mode.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="slide: window size")
+    mode.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide: step, at most the crop")
+    mode.add_argument("--scales", type=float, nargs="+", help="multi-scale: sizes relative to the image")
+    mode.add_argument("--flip", action="store_true", help="also infer each view mirrored left-right")
+    mode.add_argument("--window-batch-size", type=int, default=8, help="slide: windows per forward pass")
     args = parser.parse_args(argv)
     if args.format == "cityscapes" and args.save_masks:
         parser.error("--save-masks writes train ids beside the label ids: the evaluation would find two files a frame")
@@ -135,6 +157,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--alpha={args.alpha}; choose a value in 0..1")
     if args.size is not None and args.size < 1:
         parser.error(f"--size={args.size}; give a positive shorter side in pixels")
+    try:
+        args.inference = SegmentationInference(
+            mode=args.mode, crop_size=args.crop_size, stride=args.stride, scales=args.scales, flip=args.flip,
+            window_batch_size=args.window_batch_size,
+        )  # fmt: skip
+    except ValueError as error:  # its message names the option and what it takes
+        parser.error(str(error))
     return args
 
 

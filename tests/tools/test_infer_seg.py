@@ -9,6 +9,7 @@ import torch
 
 from backbones.data.images import read_rgb_image
 from segmentation.data import ShapesSegmentationDataModule
+from segmentation.inference import SegmentationInference
 from segmentation.task import SegmentationTask
 from tests.tools.loader import fit_one_step, load_tool, run_tool
 
@@ -140,3 +141,52 @@ def test_recursive_mirrors_subfolders_as_infer_det_does(checkpoint, tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "000002_mask.png", "000002_overlay.png", "a/000001_mask.png", "a/000001_overlay.png",
     ]  # fmt: skip
+
+
+def test_inference_modes_from_the_command_line(checkpoint, tmp_path):
+    """`--mode slide` with stride = crop gives the tiles' logits; `--scales 1.0` predicts as whole; `--flip` runs."""
+    path, images = checkpoint
+    batch = _images(images)
+    model = infer_seg.load_model(path, CPU).model
+    args = infer_seg.parse_args([str(path), str(images), "--mode", "slide", "--crop-size", "20", "24", "--stride",
+                                 "20", "16", "--window-batch-size", "1"])  # fmt: skip
+    assert args.inference == SegmentationInference(
+        mode="slide", crop_size=(20, 24), stride=(20, 16), window_batch_size=1
+    )
+    slide = infer_seg.predict(model, batch[:1], CPU, inference=args.inference)
+    whole = infer_seg.predict(model, batch[:1], CPU)
+    x = torch.from_numpy(batch[0]).permute(2, 0, 1)[None].float().div(255)
+    with torch.inference_mode():  # windows x 0-24 and 16-40: the columns 16-24 are the mean of both
+        tiles = [[model(x[..., y : y + 20, c : c + 24])["out"] for c in (0, 16)] for y in (0, 20)]
+    expected = torch.zeros_like(whole)
+    for y, row in zip((0, 20), tiles, strict=True):
+        expected[..., y : y + 20, :24] += row[0]
+        expected[..., y : y + 20, 16:] += row[1]
+    expected[..., 16:24] /= 2
+    torch.testing.assert_close(slide, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(slide, whole, atol=1e-3)  # the windows see less context than the whole image
+    one_scale = infer_seg.parse_args([str(path), str(images), "--scales", "1.0"]).inference
+    assert torch.equal(infer_seg.predict(model, batch, CPU, inference=one_scale).argmax(1),
+                       infer_seg.predict(model, batch, CPU).argmax(1))  # fmt: skip
+    out = tmp_path / "tta"
+    tta = ["--scales", "0.5", "1.0", "--flip", "--mode", "slide", "--crop-size", "24", "24", "--stride", "16", "16"]
+    assert infer_seg.main([str(path), str(images), "--output", str(out), *tta, "--save-masks"]) == 0
+    assert cv2.imread(str(out / "000001_mask.png"), cv2.IMREAD_UNCHANGED).shape == (40, 40)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--mode", "slide"], "inference mode='slide' needs crop_size and stride"),
+     (["--mode", "slide", "--crop-size", "16", "16", "--stride", "24", "8"],
+      "stride=[24, 8] exceeds crop_size=[16, 16] in height (24 > 16)"),
+     (["--mode", "slide", "--crop-size", "0", "16", "--stride", "8", "8"], "crop_size=[0, 16]; give two positive"),
+     (["--crop-size", "16", "16", "--stride", "8", "8"], "are options of mode 'slide', but the mode is 'whole'"),
+     (["--mode", "tiles"], "argument --mode: invalid choice: 'tiles'"),
+     (["--scales", "1.0", "-0.5"], "scales=[1.0, -0.5]; give one or more positive factors")],
+)  # fmt: skip
+def test_bad_inference_options_are_one_error_line(checkpoint, tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_:
+        infer_seg.main([str(checkpoint[0]), str(checkpoint[1]), "--output", str(tmp_path / "out"), *options])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "infer_seg: error: " in err and message in err, err
+    assert not (tmp_path / "out").exists()
