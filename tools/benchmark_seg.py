@@ -22,9 +22,9 @@ import time
 
 import torch
 
+from backbones.cli_utils import PRECISIONS, autocast, reports_errors
 from backbones.data.files import write_json
 from backbones.fusion import prepare_for_inference
-from backbones.training.tools import PRECISIONS, autocast, reports_errors
 from segmentation.inference import SegmentationInference
 from segmentation.models import PRESETS, build_model
 
