@@ -402,8 +402,8 @@ class WeightedAccumulator:
         stats += [mean(recall_of(0, m)) for m in range(3)] + [mean(recall_of(a, 2)) for a in (1, 2, 3)]
         per_category = np.full(self.num_categories, np.nan)
         categories = self._group_category[valid & (self._group_area == 0)]
-        by_category = everything.transpose(2, 0, 1).reshape(categories.size, -1)  # (K valid, T x R)
-        for k, values in zip(categories.tolist(), by_category, strict=True):
+        by_category = everything.transpose(2, 0, 1).reshape(categories.size, -1 if categories.size else 0)
+        for k, values in zip(categories.tolist(), by_category, strict=True):  # rows (T x R) in summarize's order
             per_category[k] = values.mean()  # row by row: an axis=1 mean sums in another order
         return np.array(stats), per_category
 

@@ -7,6 +7,7 @@ table go to stdout; ``--output`` writes the metrics as JSON (nan as null), atomi
 Example:
     python tools/eval_det.py --annotations instances_val2017.json --results detections.json \
         --iou-type bbox segm --output metrics.json
+    python tools/eval_det.py --annotations instances_val2017.json --results detections.json --bootstrap 1000
 
 Exit status: 0 on success, 2 on bad input (a one-line message on stderr, and no output file).
 """
@@ -17,6 +18,7 @@ import sys
 
 from backbones.data.files import write_json
 from backbones.training.tools import reports_errors
+from detection.bootstrap import bootstrap, match_once
 from detection.evaluation import (
     BACKENDS,
     IOU_TYPES,
@@ -37,7 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iou-type", nargs="+", choices=IOU_TYPES, default=["bbox"], help="default: bbox")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="default: auto (faster_coco_eval if any)")
     parser.add_argument("--output", help="write the metrics JSON here")
+    parser.add_argument("--bootstrap", type=_positive, metavar="N", help="95%% intervals from N image resamplings")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamplings (default: 0)")
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}; give a positive number of draws")
+    return value
 
 
 @reports_errors("eval_det")
@@ -51,16 +62,38 @@ def main(argv: list[str] | None = None) -> int:
     results = read_json(args.results)
     validate_results(results, coco_gt, iou_types, source=args.results)
 
-    metrics, per_category = {}, {}
+    metrics, per_category, intervals = {}, {}, {}
     for iou_type in iou_types:
         stats, per_category[iou_type] = evaluate_results(coco_gt, results, iou_type, backend)
         print(format_per_category_table(per_category[iou_type], iou_type))
         metrics.update(stats)
+        if args.bootstrap and results:
+            intervals[iou_type] = _intervals(coco_gt, results, iou_type, stats, per_category[iou_type], args)
     if args.output:
         report = {"annotations": args.annotations, "results": args.results, "backend": backend}
+        if intervals:
+            report["bootstrap"] = {"draws": args.bootstrap, "seed": args.seed, "confidence": 0.95,
+                                   "intervals": intervals}  # fmt: skip
         write_json(args.output, {**report, "metrics": metrics, "per_category": per_category}, indent=2)
         print(f"metrics written to {args.output}")
     return 0
+
+
+def _intervals(coco_gt, results: list[dict], iou_type: str, stats: dict, per_category: dict, args) -> dict:
+    """Print and return the 95% intervals of the 12 numbers and of the per-category AP."""
+    result = bootstrap(match_once(coco_gt, results, iou_type), args.bootstrap, args.seed)
+    names = list(stats)
+    lines = [f"{iou_type} 95% intervals ({args.bootstrap} image resamplings, seed {args.seed}):"]
+    lines += [f"{name:<12} {stats[name]:.3f}  [{low:.3f}, {high:.3f}]"
+              for name, low, high in zip(names, *result.interval, strict=True)]  # fmt: skip
+    print("\n".join(lines))
+    return {"metrics": dict(zip(names, _bounds(result.interval), strict=True)),
+            "per_category": dict(zip(per_category, _bounds(result.per_category_interval), strict=True))}  # fmt: skip
+
+
+def _bounds(interval) -> list[list[float]]:
+    """(2, n) lower and upper bounds as n [low, high] pairs."""
+    return [[low, high] for low, high in zip(*interval.tolist(), strict=True)]
 
 
 def _check_output_directory(output: str | None) -> None:
