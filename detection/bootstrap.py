@@ -16,14 +16,14 @@ ignored) are kept one by one: a run of false positives never starts a recall lev
 is its total weight, so each run is summed per draw into one number. 101-point interpolated precision is the
 running maximum over recall buckets, so a draw costs a few passes over those positions.
 
-Numpy only, no Lightning and no torch. ``percentile_interval`` is generic; it lives here until the report
+numpy and pycocotools only; no Lightning. ``percentile_interval`` is generic; it lives here until the report
 package has a shared home for it.
 
 Example:
-    >>> coco_eval = match_once(coco_gt, results, "bbox")  # doctest: +SKIP
-    >>> intervals = bootstrap(coco_eval, num_draws=1000, seed=0)  # doctest: +SKIP
-    >>> intervals.interval[0]  # 95% interval of AP  # doctest: +SKIP
-    array([0.402, 0.421])
+    >>> matches = match_once(coco_gt, results, "bbox")  # doctest: +SKIP
+    >>> result = bootstrap(matches, num_draws=1000, seed=0)  # doctest: +SKIP
+    >>> result.stats[0], result.interval[:, 0]  # AP and its 95% interval  # doctest: +SKIP
+    (0.412, array([0.402, 0.421]))
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .evaluation import load_ground_truth
 
 __all__ = [
     "BootstrapResult",
+    "Matches",
     "PairedBootstrapResult",
     "SortedMatches",
     "WeightedAccumulator",

@@ -19,7 +19,7 @@ import os
 import sys
 
 from backbones.data.files import write_json
-from backbones.training.tools import reports_errors
+from backbones.training.tools import _positive_int, reports_errors
 from detection.bootstrap import match_once, paired_bootstrap
 from detection.evaluation import (
     IOU_TYPES,
@@ -37,17 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--annotations", required=True, help="ground-truth COCO instances JSON")
     parser.add_argument("results", nargs=2, metavar=("A", "B"), help="two COCO results JSON files; B - A is shown")
     parser.add_argument("--iou-type", nargs="+", choices=IOU_TYPES, default=["bbox"], help="default: bbox")
-    parser.add_argument("--bootstrap", type=_positive, default=1000, metavar="N", help="draws (default: 1000)")
+    parser.add_argument("--bootstrap", type=_positive_int, default=1000, metavar="N", help="draws (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     parser.add_argument("--output", help="write the comparison JSON here")
     return parser.parse_args(argv)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}; give a positive number of draws")
-    return value
 
 
 @reports_errors("compare_det")

@@ -17,7 +17,7 @@ import os
 import sys
 
 from backbones.data.files import write_json
-from backbones.training.tools import reports_errors
+from backbones.training.tools import _positive_int, reports_errors
 from detection.bootstrap import bootstrap, match_once
 from detection.evaluation import (
     BACKENDS,
@@ -39,16 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iou-type", nargs="+", choices=IOU_TYPES, default=["bbox"], help="default: bbox")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="default: auto (faster_coco_eval if any)")
     parser.add_argument("--output", help="write the metrics JSON here")
-    parser.add_argument("--bootstrap", type=_positive, metavar="N", help="95%% intervals from N image resamplings")
+    parser.add_argument("--bootstrap", type=_positive_int, metavar="N", help="95%% intervals from N image resamplings")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamplings (default: 0)")
     return parser.parse_args(argv)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}; give a positive number of draws")
-    return value
 
 
 @reports_errors("eval_det")

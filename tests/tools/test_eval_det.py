@@ -192,7 +192,8 @@ def test_bootstrap_adds_seeded_intervals_around_pycocotools(files, tmp_path, cap
     assert report["bootstrap"]["intervals"]["bbox"]["metrics"]["bbox_APl"] == [None, None]  # never a large object
 
 
-def test_bootstrap_needs_a_positive_number_of_draws(files):
+def test_bootstrap_needs_a_positive_number_of_draws(files, capsys):
     gt_path, results_path, _ = files
-    completed = run_tool("--annotations", gt_path, "--results", results_path, "--bootstrap", "0")
-    assert completed.returncode == 2 and "0; give a positive number of draws" in completed.stderr
+    with pytest.raises(SystemExit) as exit_:
+        loader.load_tool("eval_det").main(["--annotations", gt_path, "--results", results_path, "--bootstrap", "0"])
+    assert exit_.value.code == 2 and "'0'; give a positive number" in capsys.readouterr().err
