@@ -4,7 +4,7 @@ The method is the PASCAL VOC retrospective's (Everingham et al., IJCV 2015): res
 replacement and recompute the metric; to compare two methods, use the same draws for both (paired) and look at
 the distribution of the difference.
 
-Rerunning COCOeval per draw would cost minutes each at COCO size. Instead COCOeval's matching runs once
+Rerunning COCOeval per draw would cost about a minute each at COCO size. Instead COCOeval's matching runs once
 (``evaluate()``: per image, category and area range, the score-sorted detections with their match and ignore
 flags per IoU threshold); a draw is then a multiplicity per image, and :class:`WeightedAccumulator` redoes
 ``accumulate()`` with each detection and ground truth counted as often as its image was drawn (cumulative sums of
