@@ -32,6 +32,7 @@ __all__ = [
     "for_each_batch",
     "output_paths",
     "parse_device",
+    "positive_int",
     "progress",
     "read_batches",
     "reports_errors",
@@ -102,14 +103,15 @@ def add_inference_arguments(parser: argparse.ArgumentParser, *, default_output: 
     parser.add_argument("source", type=Path, help="an image or a folder of images")
     parser.add_argument("--output", type=Path, default=Path(default_output), help="output folder")
     parser.add_argument("--recursive", action="store_true", help="also read the subfolders; the output mirrors them")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
     parser.add_argument("--device", type=parse_device, default=default_device(), help="default: cuda if any, else cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/fp16: autocast the network")
     parser.add_argument("--no-fuse", action="store_true", help="keep the batch norms and the default memory layout")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse `type`: a whole number of at least 1, else a usage error naming the text."""
     try:
         value = int(text)
     except ValueError:

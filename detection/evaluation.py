@@ -40,6 +40,7 @@ from .coco_results import (
     to_coco_results,
     validate_results,
 )
+from .faster_cocoeval import faster_cocoeval
 
 __all__ = [
     "BACKENDS",
@@ -170,10 +171,8 @@ def _run_cocoeval(
     fields = ("image_id", "category_id", "score", _RESULT_FIELD[iou_type])
     results = [{key: result[key] for key in fields} for result in results]
     if backend == "faster_coco_eval":
-        from faster_coco_eval import COCOeval_faster
-
         lines = []
-        coco_eval = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iou_type, print_function=lines.append)
+        coco_eval = faster_cocoeval(coco_gt, results, iou_type, print_function=lines.append)
         if image_ids is not None:
             coco_eval.params.imgIds = sorted(image_ids)
         coco_eval.evaluate()

@@ -7,6 +7,7 @@ table go to stdout; ``--output`` writes the metrics as JSON (nan as null), atomi
 Example:
     python tools/eval_det.py --annotations instances_val2017.json --results detections.json \
         --iou-type bbox segm --output metrics.json
+    python tools/eval_det.py --annotations instances_val2017.json --results detections.json --bootstrap 1000
     python tools/eval_det.py --annotations instances_val2017.json --results detections.json \
         --iou-type bbox segm --report report/ --images val2017/ --score-threshold 0.5
 
@@ -21,8 +22,9 @@ import argparse
 import os
 import sys
 
-from backbones.cli_utils import reports_errors
+from backbones.cli_utils import positive_int, reports_errors
 from backbones.data.files import write_json
+from detection.bootstrap import bootstrap, match_once
 from detection.evaluation import (
     BACKENDS,
     IOU_TYPES,
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--confusion-iou", type=float, default=0.5, help="the report's confusion matrix IoU: 0.5, 0.55, ... or 0.95"
     )
+    parser.add_argument("--bootstrap", type=positive_int, metavar="N", help="95%% intervals from N image resamplings")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamplings (default: 0)")
     return parser.parse_args(argv)
 
 
@@ -74,13 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     results = read_json(args.results)
     validate_results(results, coco_gt, iou_types, source=args.results)
 
-    metrics, per_category = {}, {}
+    metrics, per_category, intervals = {}, {}, {}
     for iou_type in iou_types:
         stats, per_category[iou_type] = evaluate_results(coco_gt, results, iou_type, backend)
         print(format_per_category_table(per_category[iou_type], iou_type))
         metrics.update(stats)
+        if args.bootstrap and results:
+            intervals[iou_type] = _intervals(coco_gt, results, iou_type, stats, per_category[iou_type], args)
     if args.output:
         report = {"annotations": args.annotations, "results": args.results, "backend": backend}
+        if intervals:
+            report["bootstrap"] = {"draws": args.bootstrap, "seed": args.seed, "confidence": 0.95,
+                                   "intervals": intervals}  # fmt: skip
         write_json(args.output, {**report, "metrics": metrics, "per_category": per_category}, indent=2)
         print(f"metrics written to {args.output}")
     if args.report:
@@ -98,6 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"report written to {os.path.join(args.report, 'report.html')}")
     return 0
+
+
+def _intervals(coco_gt, results: list[dict], iou_type: str, stats: dict, per_category: dict, args) -> dict:
+    """Print and return the 95% intervals of the 12 numbers and of the per-category AP."""
+    result = bootstrap(match_once(coco_gt, results, iou_type), args.bootstrap, args.seed)
+    names = list(stats)
+    lines = [f"{iou_type} 95% intervals ({args.bootstrap} image resamplings, seed {args.seed}):"]
+    lines += [f"{name:<12} {stats[name]:.3f}  [{low:.3f}, {high:.3f}]"
+              for name, low, high in zip(names, *result.interval, strict=True)]  # fmt: skip
+    print("\n".join(lines))
+    return {"metrics": dict(zip(names, _bounds(result.interval), strict=True)),
+            "per_category": dict(zip(per_category, _bounds(result.per_category_interval), strict=True))}  # fmt: skip
+
+
+def _bounds(interval) -> list[list[float]]:
+    """(2, n) lower and upper bounds as n [low, high] pairs."""
+    return [[low, high] for low, high in zip(*interval.tolist(), strict=True)]
 
 
 def _check_output_directory(output: str | None) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 __all__ = ["image_draws", "percentile_interval"]
 
 
-def image_draws(num_images: int, num_draws: int, seed: int) -> np.ndarray:
+def image_draws(num_images: int, num_draws: int, seed: int = 0) -> np.ndarray:
     """How often each image is drawn in each of ``num_draws`` resamplings with replacement (seeded).
 
     Returns:
@@ -51,7 +51,7 @@ def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> np.nda
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}; choose a value in (0, 1)")
     samples = np.asarray(samples, np.float64)
-    tail = 50 * (1 - confidence)
+    tail = round(50 * (1 - confidence), 12)  # 2.5 for 0.95, not 2.5000000000000004
     out = np.full((2, *samples.shape[1:]), np.nan)
     present = ~np.isnan(samples).all(axis=0)
     if present.any():

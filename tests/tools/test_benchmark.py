@@ -112,3 +112,13 @@ def test_exported_model_is_timed_beside_ours(tool, tmp_path, capsys):
     assert "exported/torchvision: throughput" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tool.main(["--model", "resnet18", "--modes", "train", "--exported", str(path)])
+
+
+def test_coco_bootstrap_benchmark_matches_pycocotools(tmp_path, capsys):
+    out = tmp_path / "bootstrap.json"
+    load_tool("benchmark_coco").main(["--images", "4", "--bootstrap", "5", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert (report["images"], report["ground_truth"], report["detections"], report["draws"]) == (4, 28, 400, 5)
+    assert report["point_max_abs_difference"] == 0  # the unweighted numbers are pycocotools' bit for bit
+    assert set(report["cpu_seconds"]) == {"match_once", "prepare", "draws", "pycocotools"}
+    assert "5 resamplings" in capsys.readouterr().out

@@ -347,3 +347,33 @@ def test_report_bad_options_exit_2(planted_files, tmp_path, arguments, message):
         )
     assert status == 2 and message in stderr.getvalue(), stderr.getvalue()
     assert not (tmp_path / "r").exists()
+
+
+def test_bootstrap_adds_seeded_intervals_around_pycocotools(files, tmp_path, capsys):
+    gt_path, results_path, results = files
+    outputs = [tmp_path / "first.json", tmp_path / "again.json"]
+    for output in outputs:  # in this process: a new one per run would mostly import torch
+        status = loader.load_tool("eval_det").main(["--annotations", gt_path, "--results", results_path, "--iou-type",
+                                                    "bbox", "segm", "--bootstrap", "50", "--seed", "3", "--output",
+                                                    str(output)])  # fmt: skip
+        assert status == 0, capsys.readouterr().err
+        assert "segm 95% intervals (50 image resamplings, seed 3)" in capsys.readouterr().out
+    report, again = (json.loads(output.read_text()) for output in outputs)
+    assert report["bootstrap"] == again["bootstrap"]  # seeded: the same intervals
+    assert report["bootstrap"]["draws"] == 50 and report["bootstrap"]["confidence"] == 0.95
+    for iou_type in ("bbox", "segm"):
+        expected = reference_stats(gt_path, results, iou_type)  # the point estimates stay pycocotools'
+        assert [report["metrics"][f"{iou_type}_{name}"] for name in STAT_NAMES] == pytest.approx(expected, abs=1e-6)
+        intervals = report["bootstrap"]["intervals"][iou_type]
+        assert list(intervals["metrics"]) == [f"{iou_type}_{name}" for name in STAT_NAMES]
+        assert set(intervals["per_category"]) == {"cat", "dog"}
+        low, high = intervals["metrics"][f"{iou_type}_AP"]
+        assert 0 <= low <= high <= 1
+    assert report["bootstrap"]["intervals"]["bbox"]["metrics"]["bbox_APl"] == [None, None]  # never a large object
+
+
+def test_bootstrap_needs_a_positive_number_of_draws(files, capsys):
+    gt_path, results_path, _ = files
+    with pytest.raises(SystemExit) as exit_:
+        loader.load_tool("eval_det").main(["--annotations", gt_path, "--results", results_path, "--bootstrap", "0"])
+    assert exit_.value.code == 2 and "'0'; give a positive number" in capsys.readouterr().err
