@@ -42,8 +42,7 @@ def test_a_coco_store_is_written_to_the_private_cache_not_the_users(tmp_path):
 
 
 def test_processes_the_tests_start_use_the_private_caches():
-    script = "import torch; from backbones.data.cache import default_cache_dir; "
-    script += "print(default_cache_dir()); print(torch.hub.get_dir())"
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root).stdout
-    assert out.splitlines() == [str(default_cache_dir()), torch.hub.get_dir()]
+    # the variables are in the environment, not patched into this process only (the tools run as processes)
+    script = "import os; print(os.environ['RESBONE_CACHE']); print(os.environ['TORCH_HOME'])"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [str(default_cache_dir()), str(Path(torch.hub.get_dir()).parent)]

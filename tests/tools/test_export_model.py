@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from backbones import create_model
-from backbones.classification import ClassificationTask, ShapesClassificationDataModule
+from backbones.classification import ClassificationTask
 from backbones.export import ExportMismatch, check_export, check_images, load_exported, sidecar_path
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
-from segmentation.data import ShapesSegmentationDataModule
 from segmentation.task import SegmentationTask
 from tests.tools.loader import fit_one_step, load_tool
 
@@ -41,27 +40,14 @@ def _missing(package: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def classifier_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_cls")
-    L.seed_everything(0, verbose=False)
-    data = ShapesClassificationDataModule(
-        root=str(root / "shapes"), train_per_class=1, val_per_class=1, image_size=32, batch_size=4, num_workers=0
-    )
-    return fit_one_step(ClassificationTask(model="resnet18", lr=0.01), data, root)
+def classifier_checkpoint(classification_checkpoint):
+    return classification_checkpoint.path  # the session's one-step ResNet-18 (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def segmenter_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_seg")
-    L.seed_everything(0, verbose=False)
-    data = ShapesSegmentationDataModule(
-        root=str(root / "shapes"), num_train=2, num_val=2, image_size=40, batch_size=2, num_workers=0
-    )
-    task = SegmentationTask(
-        model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32},
-        mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
-    )  # fmt: skip
-    return fit_one_step(task, data, root), data.root / "val"
+def segmenter_checkpoint(segmentation_checkpoint):
+    """The session's one-step DeepLabV3+ (tests/conftest.py): mean (0.5, 0.4, 0.3), std (0.2, 0.25, 0.3)."""
+    return segmentation_checkpoint.path, segmentation_checkpoint.images
 
 
 @pytest.mark.parametrize("fmt", _formats())
