@@ -267,7 +267,7 @@ def test_detection_checkpoint_to_an_export_that_infer_det_runs(tmp_path, fmt):
     options = {"min_size": 128, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
                "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}  # fmt: skip
     checkpoint = fit_one_step(
-        DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup_steps=0), data, tmp_path
+        DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup=0), data, tmp_path
     )
     exported = tmp_path / f"detector{SUFFIX[fmt]}"
     args = [str(checkpoint), "--format", fmt, "--image-size", "128", "128", "--output", str(exported)]
