@@ -25,10 +25,11 @@ infer_seg = load_tool("infer_seg")
 SUFFIX = {"export": ".pt2", "onnx": ".onnx"}
 
 
-def _formats():
+def _formats(*, slow_onnx: bool = False):
+    """`slow_onnx`: the ONNX case in the slow set (the classifier's ONNX export runs by default)."""
     onnx_missing = any(_missing(p) for p in ("onnx", "onnxscript", "onnxruntime"))
     skip = pytest.mark.skipif(onnx_missing, reason="the export extra (onnx, onnxscript, onnxruntime) is not installed")
-    return ["export", pytest.param("onnx", marks=skip)]
+    return ["export", pytest.param("onnx", marks=[skip, pytest.mark.slow] if slow_onnx else skip)]
 
 
 def _missing(package: str) -> bool:
@@ -91,7 +92,7 @@ def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_ch
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("fmt", _formats(slow_onnx=True))
 def test_segmenter_checkpoint_keeps_its_normalization_and_classes(segmenter_checkpoint, tmp_path, fmt):
     segmenter_checkpoint, _ = segmenter_checkpoint
     output = tmp_path / f"deeplab{SUFFIX[fmt]}"
@@ -127,7 +128,7 @@ def test_fixed_size_export_refuses_another_size(segmenter_checkpoint, tmp_path):
         model(torch.rand(1, 3, 40, 56))
 
 
-@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("fmt", _formats(slow_onnx=True))
 def test_preset_with_a_weights_file(tmp_path, fmt):
     torch.manual_seed(0)
     weights = tmp_path / "resnet18.pth"
@@ -266,9 +267,7 @@ def test_detection_checkpoint_to_an_export_that_infer_det_runs(tmp_path, fmt):
     )  # fmt: skip
     options = {"min_size": 128, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
                "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}  # fmt: skip
-    checkpoint = fit_one_step(
-        DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup=0), data, tmp_path
-    )
+    checkpoint = fit_one_step(DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup=0), data, tmp_path)
     exported = tmp_path / f"detector{SUFFIX[fmt]}"
     args = [str(checkpoint), "--format", fmt, "--image-size", "128", "128", "--output", str(exported)]
     assert export_model.main(args) == 0  # the tool's own parity check passed
