@@ -13,14 +13,16 @@ from typing import Any
 
 import pytest
 
-CACHE_VARIABLES = {"RESBONE_CACHE": "resbone", "TORCH_HOME": "torch"}  # variable -> folder under the session's
+# variable -> its folder in the session's temporary folder; XDG_CACHE_HOME for the libraries that follow it
+# (onnxruntime writes ~/.cache/Microsoft/... when it loads, Hugging Face's hub would write its downloads)
+CACHE_VARIABLES = {"RESBONE_CACHE": "resbone", "TORCH_HOME": "torch", "XDG_CACHE_HOME": "xdg"}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def private_caches(tmp_path_factory) -> Path:
-    """Points every cache the code writes (COCO stores, generated datasets, downloaded weights) into the run's
-    temporary folder, for this process and the processes the tests start, so that a test run leaves nothing in
-    the user's `~/.cache` and never reads what an earlier run or the user left there."""
+    """Points every cache the code writes (COCO stores, generated datasets, downloaded weights, onnxruntime's)
+    into the run's temporary folder, for this process and the processes the tests start, so that a test run
+    leaves nothing in the user's `~/.cache` and never reads what an earlier run or the user left there."""
     root = tmp_path_factory.mktemp("cache")
     saved = {name: os.environ.get(name) for name in CACHE_VARIABLES}
     os.environ.update({name: str(root / folder) for name, folder in CACHE_VARIABLES.items()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -22,6 +23,7 @@ def test_the_caches_lie_in_the_runs_temporary_folder(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     assert default_cache_dir().is_relative_to(base), default_cache_dir()
     assert weights_cache_dir().is_relative_to(base), weights_cache_dir()
+    assert Path(os.environ["XDG_CACHE_HOME"]).is_relative_to(base)  # onnxruntime's and other libraries' caches
 
 
 def test_a_coco_store_is_written_to_the_private_cache_not_the_users(tmp_path):
@@ -43,6 +45,8 @@ def test_a_coco_store_is_written_to_the_private_cache_not_the_users(tmp_path):
 
 def test_processes_the_tests_start_use_the_private_caches():
     # the variables are in the environment, not patched into this process only (the tools run as processes)
-    script = "import os; print(os.environ['RESBONE_CACHE']); print(os.environ['TORCH_HOME'])"
+    names = ("RESBONE_CACHE", "TORCH_HOME", "XDG_CACHE_HOME")
+    script = f"import os; print(*(os.environ[name] for name in {names}), sep=chr(10))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == [str(default_cache_dir()), str(Path(torch.hub.get_dir()).parent)]
+    assert out.splitlines()[:2] == [str(default_cache_dir()), str(Path(torch.hub.get_dir()).parent)]
+    assert Path(out.splitlines()[2]).is_relative_to(default_cache_dir().parent)
