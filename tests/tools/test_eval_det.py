@@ -169,7 +169,7 @@ def test_bad_input_exits_2_without_output(files, tmp_path, case):
 
 def test_unknown_backend_is_a_usage_error(files):
     gt_path, results_path, _ = files
-    completed = run_tool("--annotations", gt_path, "--results", results_path, "--backend", "detectron2")
+    completed = run_in_process("--annotations", gt_path, "--results", results_path, "--backend", "detectron2")
     assert completed.returncode == 2 and "invalid choice: 'detectron2'" in completed.stderr
 
 
