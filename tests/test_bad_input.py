@@ -594,6 +594,7 @@ def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
     return run_tool(tool.removesuffix(".py"), *args)
 
 
+@pytest.mark.slow  # two tools started as processes, one of them training
 def test_tools_exit_non_zero_in_a_shell(shapes, evil, tmp_path):
     image = str(min(shapes.val_images.glob("*.jpg")))
     completed = _run("infer_det.py", evil, image, "--output", str(tmp_path / "out"))

@@ -61,6 +61,7 @@ def two_process_run(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # two DDP processes train and validate the three tasks: minutes on 2 cores
 @pytest.mark.parametrize("task_name", list(worker.TASKS))
 def test_two_process_validation_equals_one_process(task_name, two_process_run, tiny_data, tmp_path):
     ranks = [json.loads((two_process_run / f"{task_name}_rank{r}.json").read_text()) for r in range(2)]

@@ -125,6 +125,7 @@ def fit_args(shapes, run_dir: Path, *, every_n_train_steps: int, max_epochs: int
     ]
 
 
+@pytest.mark.slow  # two trainings and a third in a process: over a minute on 2 cores
 def test_killed_run_resumes_to_the_same_weights_and_metrics(shapes, tmp_path):
     # The reference: 2 epochs of 4 steps, never stopped.
     reference = train_det.main(fit_args(shapes, tmp_path / "reference", every_n_train_steps=3))

@@ -15,8 +15,8 @@ from backbones.blocks import BasicBlock, Bottleneck, PreActBottleneck
 
 INPUT_SIZE = 64
 ALL_NAMES = list_backbones()
-# 101/152 layers: their cost on the CPU puts them behind the slow marker
-HEAVY = frozenset(n for n in ALL_NAMES if any(d in n for d in ("101", "152")))
+# 101/152 layers and the wide nets: their cost on the CPU puts them behind the slow marker
+HEAVY = frozenset(n for n in ALL_NAMES if any(d in n for d in ("101", "152", "wide")))
 
 
 def _names():

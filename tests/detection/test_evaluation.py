@@ -409,6 +409,7 @@ def _distributed_worker(rank, init_file, gt_path, predictions_by_rank, ids_by_ra
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch
 def test_distributed_gather_matches_single_process(fixture, tmp_path):
     gt_path, detections = fixture
     image_ids = list(IMAGE_SIZES)

@@ -92,6 +92,7 @@ def _export_and_check(architecture: str, fmt: str, tmp_path, *, dynamic_size: bo
         assert len(exported([images[0]])[0]["boxes"]) == 20  # score threshold 0: every slot filled
 
 
+@pytest.mark.slow  # tens of seconds to export on 2 cores; the export machinery runs by default on classifiers
 def test_faster_rcnn_through_torch_export_at_a_fixed_size(tmp_path):
     _export_and_check("faster_rcnn", "export", tmp_path, dynamic_size=False)
 

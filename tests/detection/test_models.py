@@ -38,9 +38,9 @@ def _freeze_bn(module: nn.Module) -> None:
     "tv_name, preset, frozen_body",
     [
         ("fasterrcnn_resnet50_fpn", "faster_rcnn_r50_fpn", True),
-        ("fasterrcnn_resnet50_fpn_v2", "faster_rcnn_r50_fpn_v2", False),
+        pytest.param("fasterrcnn_resnet50_fpn_v2", "faster_rcnn_r50_fpn_v2", False, marks=pytest.mark.slow),
         ("maskrcnn_resnet50_fpn", "mask_rcnn_r50_fpn", True),
-        ("maskrcnn_resnet50_fpn_v2", "mask_rcnn_r50_fpn_v2", False),
+        pytest.param("maskrcnn_resnet50_fpn_v2", "mask_rcnn_r50_fpn_v2", False, marks=pytest.mark.slow),
     ],
 )
 def test_torchvision_checkpoint_parity(tmp_path, tv_name, preset, frozen_body):
@@ -76,7 +76,7 @@ def test_torchvision_checkpoint_parity(tmp_path, tv_name, preset, frozen_body):
 )
 def test_general_form_trains_and_predicts(name, options):
     torch.manual_seed(0)
-    model = build_model(name, num_classes=4, min_size=64, max_size=64, **options)
+    model = build_model(name, num_classes=4, min_size=64, max_size=64, fpn_channels=32, box_head_dim=64, **options)
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
     targets = [
         {

@@ -101,6 +101,7 @@ def _rank_worker(rank, port, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch
 def test_confusion_matrix_is_summed_over_processes():
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from backbones import WEIGHTS
-from backbones.data.shapes import generate_shapes
 from segmentation.data import VOC_CATEGORY_IDS
 from segmentation.task import SegmentationTask
 from tests.tools.loader import load_tool
@@ -23,10 +22,10 @@ train_seg = load_tool("train_seg")
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A COCO split and a folder split (Cityscapes names) made from a tiny shapes dataset."""
+def tiny_data(tmp_path_factory, small_shapes):
+    """A COCO split and a folder split (Cityscapes names) made from the session's small shapes dataset."""
     root = tmp_path_factory.mktemp("segdata")
-    shapes = generate_shapes(root / "shapes", num_train=2, num_val=2, image_size=40)
+    shapes = small_shapes
     coco = json.loads(shapes.train_annotations.read_text())
     # give the shapes the ids of COCO person, bicycle and car, which the VOC subset contains too
     for category, new_id in zip(coco["categories"], (1, 2, 3), strict=True):
@@ -62,7 +61,7 @@ def data_overrides(config: Path, data: dict) -> list[str]:
     ]
     if name.endswith("_shapes"):
         return ["--data.init_args.root", str(data["shapes"]), "--data.init_args.num_train", "2",
-                "--data.init_args.num_val", "2", "--data.init_args.image_size", "40", *small]  # fmt: skip
+                "--data.init_args.num_val", "3", "--data.init_args.image_size", "40", *small]  # fmt: skip
     small += ["--data.init_args.base_size", "null", "--data.init_args.val_size", "null"]
     if name.endswith("_coco"):
         return [*(f"--data.init_args.{split}_{kind}={data['coco_' + ('images' if kind == 'images' else 'json')]}"

@@ -49,6 +49,7 @@ def test_classifier_all_modes(tool, tmp_path, capsys):
     assert "| inference | ours |" in printed and "ours/torchvision: throughput" in printed
 
 
+@pytest.mark.slow  # the full-size R-50 detector beside torchvision's (the only detectors the tool compares)
 def test_detector_inference(tool, tmp_path):
     out = tmp_path / "det.json"
     report = tool.main([

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from backbones.data.coco import load_coco_annotations
 from tests.tools.loader import load_tool
 
 
+@pytest.mark.slow  # six loader runs with two worker processes each
 def test_tiny_run(tmp_path, capsys):
     report = load_tool("benchmark_data").main([
         "--workdir", str(tmp_path), "--images", "40", "--folder-images", "90", "--folder-classes", "3",

@@ -15,8 +15,6 @@ import torchvision
 
 from backbones import create_backbone, create_model
 from backbones.classification import ClassificationTask, ImageFolderDataModule, generate_shapes_classification
-from detection.data import ShapesDataModule
-from detection.task import DetectionTask
 from segmentation.data import ShapesSegmentationDataModule
 from segmentation.task import SegmentationTask
 from tests.tools.loader import fit_one_step, load_tool
@@ -156,15 +154,8 @@ def test_bad_checkpoint_exits_2_without_output(pretrained, tmp_path, capsys, cas
 
 
 @pytest.fixture(scope="module")
-def detection_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("detection")
-    L.seed_everything(0, verbose=False)
-    datamodule = ShapesDataModule(
-        root=str(root / "shapes"), num_train=2, num_val=1, image_size=64, batch_size=2, num_workers=0, with_masks=True
-    )
-    options = {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128]}
-    task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup=0)
-    return task, fit_one_step(task, datamodule, root)
+def detection_checkpoint(detection_checkpoint):
+    return detection_checkpoint.task, detection_checkpoint.path  # the session's one-step Mask R-CNN (conftest.py)
 
 
 @pytest.fixture(scope="module")

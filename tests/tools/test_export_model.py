@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from backbones import create_model
-from backbones.classification import ClassificationTask, ShapesClassificationDataModule
+from backbones.classification import ClassificationTask
 from backbones.export import (
     ExportMismatch,
     NormalizedModel,
@@ -28,7 +28,6 @@ from backbones.export import (
 from backbones.weights_table import IMAGENET_MEAN, IMAGENET_STD
 from detection.data import ShapesDataModule
 from detection.task import DetectionTask
-from segmentation.data import ShapesSegmentationDataModule
 from segmentation.task import SegmentationTask
 from tests.tools.loader import fit_one_step, load_tool
 
@@ -38,10 +37,11 @@ infer_seg = load_tool("infer_seg")
 SUFFIX = {"export": ".pt2", "onnx": ".onnx"}
 
 
-def _formats():
+def _formats(*, slow_onnx: bool = False):
+    """`slow_onnx`: the ONNX case in the slow set (the classifier's ONNX export runs by default)."""
     onnx_missing = any(_missing(p) for p in ("onnx", "onnxscript", "onnxruntime"))
     skip = pytest.mark.skipif(onnx_missing, reason="the export extra (onnx, onnxscript, onnxruntime) is not installed")
-    return ["export", pytest.param("onnx", marks=skip)]
+    return ["export", pytest.param("onnx", marks=[skip, pytest.mark.slow] if slow_onnx else skip)]
 
 
 def _missing(package: str) -> bool:
@@ -53,27 +53,14 @@ def _missing(package: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def classifier_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_cls")
-    L.seed_everything(0, verbose=False)
-    data = ShapesClassificationDataModule(
-        root=str(root / "shapes"), train_per_class=1, val_per_class=1, image_size=32, batch_size=4, num_workers=0
-    )
-    return fit_one_step(ClassificationTask(model="resnet18", lr=0.01), data, root)
+def classifier_checkpoint(classification_checkpoint):
+    return classification_checkpoint.path  # the session's one-step ResNet-18 (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def segmenter_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_seg")
-    L.seed_everything(0, verbose=False)
-    data = ShapesSegmentationDataModule(
-        root=str(root / "shapes"), num_train=2, num_val=2, image_size=40, batch_size=2, num_workers=0
-    )
-    task = SegmentationTask(
-        model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32},
-        mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
-    )  # fmt: skip
-    return fit_one_step(task, data, root), data.root / "val"
+def segmenter_checkpoint(segmentation_checkpoint):
+    """The session's one-step DeepLabV3+ (tests/conftest.py): mean (0.5, 0.4, 0.3), std (0.2, 0.25, 0.3)."""
+    return segmentation_checkpoint.path, segmentation_checkpoint.images
 
 
 @pytest.mark.parametrize("fmt", _formats())
@@ -117,7 +104,7 @@ def test_classifier_checkpoint_exports_with_dynamic_batch_and_size(classifier_ch
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("fmt", _formats(slow_onnx=True))
 def test_segmenter_checkpoint_keeps_its_normalization_and_classes(segmenter_checkpoint, tmp_path, fmt):
     segmenter_checkpoint, _ = segmenter_checkpoint
     output = tmp_path / f"deeplab{SUFFIX[fmt]}"
@@ -153,7 +140,7 @@ def test_fixed_size_export_refuses_another_size(segmenter_checkpoint, tmp_path):
         model(torch.rand(1, 3, 40, 56))
 
 
-@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("fmt", _formats(slow_onnx=True))
 def test_preset_with_a_weights_file(tmp_path, fmt):
     torch.manual_seed(0)
     weights = tmp_path / "resnet18.pth"
@@ -292,9 +279,7 @@ def test_detection_checkpoint_to_an_export_that_infer_det_runs(tmp_path, fmt):
     )  # fmt: skip
     options = {"min_size": 128, "max_size": 128, "anchor_sizes": [8, 16, 32, 64, 128], "box_detections_per_img": 10,
                "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}  # fmt: skip
-    checkpoint = fit_one_step(
-        DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup_steps=0), data, tmp_path
-    )
+    checkpoint = fit_one_step(DetectionTask(model="mask_rcnn_r18_fpn", model_options=options, warmup=0), data, tmp_path)
     exported = tmp_path / f"detector{SUFFIX[fmt]}"
     args = [str(checkpoint), "--format", fmt, "--image-size", "128", "128", "--output", str(exported)]
     assert export_model.main(args) == 0  # the tool's own parity check passed

@@ -7,37 +7,21 @@ import shutil
 import stat
 import weakref
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from detection.data import ShapesDataModule
-from detection.task import DetectionTask
-from tests.tools.loader import fit_one_step, load_tool, run_tool
-
-TINY = {
-    "min_size": 64,
-    "max_size": 64,
-    "anchor_sizes": [8, 16, 32, 64, 128],
-    "box_detections_per_img": 10,
-    "box_score_thresh": 0.0,
-}  # a barely trained model: keep its low-scored detections
+from tests.tools.loader import load_tool, run_tool
 
 infer_det = load_tool("infer_det")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("infer_det")
-    L.seed_everything(0, verbose=False)
-    datamodule = ShapesDataModule(
-        root=str(root / "shapes"), num_train=2, num_val=3, image_size=64, batch_size=2, num_workers=0, with_masks=True
-    )
-    task = DetectionTask(model="mask_rcnn_r18_fpn", model_options=TINY, warmup=0)
-    return fit_one_step(task, datamodule, root), datamodule.root / "val"
+def checkpoint(detection_checkpoint):
+    """The session's one-step Mask R-CNN (tests/conftest.py), which keeps its low-scored detections."""
+    return detection_checkpoint.path, detection_checkpoint.images
 
 
 def _sorted_scores(results: list[dict]) -> np.ndarray:

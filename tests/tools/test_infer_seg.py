@@ -8,23 +8,17 @@ import pytest
 import torch
 
 from backbones.data.images import read_rgb_image
-from segmentation.data import ShapesSegmentationDataModule
 from segmentation.inference import SegmentationInference
-from segmentation.task import SegmentationTask
-from tests.tools.loader import fit_one_step, load_tool, run_tool
+from tests.tools.loader import load_tool, run_tool
 
 infer_seg = load_tool("infer_seg")
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("infer")
-    datamodule = ShapesSegmentationDataModule(
-        root=str(root / "shapes"), num_train=2, num_val=3, image_size=40, batch_size=2, num_workers=0
-    )
-    task = SegmentationTask(model="deeplabv3plus_r18", output_stride=16, model_options={"decoder_channels": 32})
-    return fit_one_step(task, datamodule, root), datamodule.root / "val"
+def checkpoint(segmentation_checkpoint):
+    """The session's one-step DeepLabV3+ (tests/conftest.py) and its 3 validation images."""
+    return segmentation_checkpoint.path, segmentation_checkpoint.images
 
 
 def _images(folder):

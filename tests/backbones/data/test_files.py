@@ -6,8 +6,6 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -56,16 +54,13 @@ def test_one_suffix_list_for_the_project():
 
 @pytest.mark.parametrize("data", [b"bytes", "text", "callable"])
 def test_write_atomically_gives_a_normal_file_mode(tmp_path, data):
-    # a child process, so that the umask of this one (shared with other tests) is left alone
-    code = (
-        "import os, sys, torch; from backbones.data.files import write_atomically; os.umask(0o022); "
-        f"data = {data!r}; path = sys.argv[1]\n"
-        "write_atomically(path, (lambda tmp: torch.save({}, tmp)) if data == 'callable' else "
-        "(data.encode() if data == 'bytes' else data))"
-    )
+    content = (lambda tmp: torch.save({}, tmp)) if data == "callable" else data
     target = tmp_path / "sub" / "file.out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run([sys.executable, "-c", code, str(target)], check=True, env=env, timeout=120)
+    previous = os.umask(0o022)  # the process's umask, shared with the other tests: restored right after
+    try:
+        write_atomically(target, content)
+    finally:
+        os.umask(previous)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644  # 0666 less the umask, not mkstemp's 0600
     assert os.listdir(target.parent) == ["file.out"]
 
