@@ -129,7 +129,7 @@ def _load_tasks() -> dict[str, TaskEntry]:
 
 def list_tasks() -> list[str]:
     """The registered task names, e.g. `['classification', 'detection', 'segmentation']`."""
-    return list(_load_tasks())
+    return sorted(_load_tasks())
 
 
 def get_task(name: str) -> TaskEntry:
