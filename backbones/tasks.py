@@ -62,6 +62,7 @@ class TaskEntry:
         task: its Lightning task class (imported only by `task_class()`).
         models: the collections of model names it builds (a dict, a tuple, or a callable returning one).
         export: its export adapter class (`backbones.export.TaskExport`).
+        benchmark: its benchmark adapter class (`backbones.task_benchmark.TaskBenchmark`), if it has one.
         train_tool, infer_tool: the tools that train it and run its checkpoints, for messages.
         prefixes: name prefixes it builds too (classification: any `timm/<model>`).
     """
@@ -73,6 +74,7 @@ class TaskEntry:
     train_tool: str
     infer_tool: str | None = None
     prefixes: tuple[str, ...] = ()
+    benchmark: str | None = None
 
     def task_class(self) -> type:
         """The Lightning task class (imports Lightning)."""
@@ -81,6 +83,10 @@ class TaskEntry:
     def export_adapter(self) -> Any:
         """An instance of the task's export adapter."""
         return resolve(self.export)()
+
+    def benchmark_adapter(self) -> Any:
+        """An instance of the task's benchmark adapter, or None when it has none."""
+        return resolve(self.benchmark)() if self.benchmark else None
 
     def model_names(self) -> list[str]:
         """The names this task builds (besides `prefixes`)."""

@@ -16,6 +16,7 @@ TASK = register_task(
         task="detection.task:DetectionTask",
         models=("detection.models:PRESETS", "detection.models:ARCHITECTURES"),
         export="detection.export:DetectionExport",
+        benchmark="detection.speed:DetectionBenchmark",
         train_tool="tools/train_det.py",
         infer_tool="tools/infer_det.py",
     )

@@ -56,7 +56,7 @@ def confusion_matrix_figure(iou_type: str, confusion: dict, *, normalized: bool)
     if normalized:
         matrix = np.nan_to_num(np.asarray(confusion["row_normalized"], dtype=float))
     title = f"{iou_type} confusions (IoU {confusion['iou']}, score >= {confusion['score']})"
-    title += ", row-normalised" if normalized else ""
+    title += "\nrow-normalised" if normalized else "\ncounts"  # two lines: one is wider than a small figure
     return confusion_figure(matrix, confusion["rows"], confusion["columns"], title=title, normalized=normalized)
 
 
@@ -175,7 +175,7 @@ def _worst_images(page: HTMLReport, out: Path, iou_type: str, metrics: dict, coc
     )
     worst = metrics["worst_images"]
     page.table(
-        ["image id", "file", "error", "false positives", "missed"],
+        ["image id", "file", "error", "false positives (any score)", "missed (by every detection)"],
         [[w["image_id"], w["file_name"], w["error"], w["false_positives"], w["missed"]] for w in worst],
     )
     if images_dir is None:

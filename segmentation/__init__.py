@@ -16,6 +16,7 @@ TASK = register_task(
         task="segmentation.task:SegmentationTask",
         models=("segmentation.models:PRESETS", "segmentation.models:ARCHITECTURES"),
         export="segmentation.export:SegmentationExport",
+        benchmark="segmentation.speed:SegmentationBenchmark",
         train_tool="tools/train_seg.py",
         infer_tool="tools/infer_seg.py",
     )

@@ -71,3 +71,13 @@ def test_readme_snippet_runs(index, tmp_path):
 def test_checked_comments_catch_a_wrong_claim():
     code = with_checked_comments("x = [1, 2]\nsorted(x)  # [2, 1]\n")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode != 0
+
+
+def test_readme_links_and_images_name_files_that_exist():
+    """`[text](path)` and `![alt](image.png)` to a file of the repository: the file is committed beside it."""
+    root = README.parent
+    targets = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", README.read_text())
+    local = [t for t in targets if "://" not in t]
+    assert "report_example.png" in local
+    missing = [t for t in local if not (root / t).is_file()]
+    assert not missing, f"README links to files that do not exist: {missing}"

@@ -11,13 +11,16 @@ Modes:
              With --exported FILE also of that exported model (onnxruntime or the .pt2 program).
   train      images/s of one SGD step (forward, backward, update; train mode; synthetic targets), ours
              channels-last with --channels-last, torchvision's as built.
-  data       images/s of one loader worker: decode + train transforms of the synthetic shapes set.
+  data       images/s of one loader worker: decode + train transforms of the model's task's synthetic set
+             (shapes: image folders, COCO JSON, label PNGs).
   eval       seconds of COCO evaluation (bbox, segm) of --eval-images synthetic images with each backend,
              and per image the cost of pasting and RLE-encoding 100 masks.
 Both models get torchvision's random weights (our parameter names are torchvision's); nothing is
-downloaded. Ours and torchvision's repeats are interleaved, so drift on a shared machine hits both;
-the median is reported. Peak memory is measured after the timings, one step per side: the peak of
-the tensors the step creates (see `memory` in the JSON for how it is measured on the device).
+downloaded. Each task says which of its models have a torchvision counterpart and how a step of them
+runs (`backbones.task_benchmark.TaskBenchmark`, registered with the task); this tool names none.
+Ours and torchvision's repeats are interleaved, so drift on a shared machine hits both; the median is
+reported. Peak memory is measured after the timings, one step per side: the peak of the tensors the
+step creates (see `memory` in the JSON for how it is measured on the device).
 """
 
 from __future__ import annotations
@@ -35,95 +38,35 @@ from pathlib import Path
 import torch
 import torchvision
 from benchmark_coco import eval_benchmark, eval_markdown  # tools/, beside this script
-from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision import models as tvm
-from torchvision.models import detection as tvd
-from torchvision.models import segmentation as tvs
 
-import detection
-import segmentation.models
-from backbones import create_model
 from backbones.cli_utils import PRECISIONS, autocast, reports_errors
 from backbones.data.files import write_json
 from backbones.export import load_exported
 from backbones.fusion import prepare_for_inference
-from backbones.tasks import task_of
+from backbones.task_benchmark import TaskBenchmark, benchmark_adapter, benchmark_models
 
-TORCHVISION = {"resnet18": "resnet18", "resnet50": "resnet50", "resnet101": "resnet101",
-               "faster_rcnn_r50_fpn": "fasterrcnn_resnet50_fpn", "mask_rcnn_r50_fpn": "maskrcnn_resnet50_fpn",
-               "deeplabv3_r50": "deeplabv3_resnet50"}  # fmt: skip
-# The task of each model comes from the task registry (`task_of`); ImageNet, COCO (torchvision's 91 ids), VOC classes.
-NUM_CLASSES = {"classification": 1000, "detection": 91, "segmentation": 21}
 MODES = ("inference", "train", "data", "eval")
 SIDES = ("ours", "torchvision")
 
 
-def build_pair(name: str, image_size: int) -> tuple[str, torch.nn.Module, torch.nn.Module]:
-    """(kind, ours, torchvision's) with the same random weights; from scratch: BatchNorm everywhere, all trainable."""
-    kind = task_of(name).name
-    num_classes = NUM_CLASSES[kind]
-    torch.manual_seed(0)
-    if kind == "classification":
-        theirs = getattr(tvm, TORCHVISION[name])(weights=None, num_classes=num_classes)
-        ours = create_model(name, num_classes=num_classes)
-    elif kind == "detection":
-        # score threshold 0: every image yields box_detections_per_img (100) detections, as a trained
-        # model does on a busy image; random weights would otherwise give none, hiding the post-processing
-        options = dict(min_size=image_size, max_size=image_size, box_score_thresh=0.0)
-        builder = getattr(tvd, TORCHVISION[name])
-        theirs = builder(weights=None, weights_backbone=None, num_classes=num_classes, **options)
-        ours = detection.build_model(name, num_classes=num_classes, **options)
-    else:
-        theirs = tvs.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)
-        ours = segmentation.models.build_model(name, num_classes=num_classes, output_stride=8)  # torchvision's
-    ours.load_state_dict(theirs.state_dict())
-    return kind, ours, theirs
-
-
-def make_batch(kind: str, batch_size: int, image_size: int, device: str, with_masks: bool):
-    """(inputs, targets): random images, and random labels / boxes and masks / pixel classes."""
-    g, size = torch.Generator().manual_seed(0), image_size
-    if kind != "detection":
-        x = torch.randn(batch_size, 3, size, size, generator=g)
-        shape = (batch_size,) if kind == "classification" else (batch_size, size, size)
-        return x.to(device), torch.randint(NUM_CLASSES[kind], shape, generator=g).to(device)
-    images, targets = [], []
-    for _ in range(batch_size):
-        xy = torch.rand(3, 2, generator=g) * size * 0.6
-        wh = (0.1 + 0.3 * torch.rand(3, 2, generator=g)) * size
-        boxes = torch.cat([xy, (xy + wh).clamp(max=size)], 1).round()
-        target = {"boxes": boxes, "labels": torch.randint(1, NUM_CLASSES["detection"], (3,), generator=g)}
-        if with_masks:
-            masks = torch.zeros(3, size, size, dtype=torch.uint8)
-            for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist(), strict=True):
-                mask[y1:y2, x1:x2] = 1
-            target["masks"] = masks
-        images.append(torch.rand(3, size, size, generator=g).to(device))
-        targets.append({k: v.to(device) for k, v in target.items()})
-    return images, targets
+def _to(tree, device: str):
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) else x
 
 
-def _compile(model: torch.nn.Module, kind: str) -> torch.nn.Module:
-    if kind == "classification":
-        return torch.compile(model)
-    model.backbone = torch.compile(model.backbone)  # body + FPN; the heads' control flow stays eager
-    return model
-
-
 FAST_PATH = "BN folded, ReLU and add fused, channels-last, inference_mode"
 
 
-def inference_steps(kind, ours, theirs, batch, args) -> dict:
+def inference_steps(adapter: TaskBenchmark, ours, theirs, batch, args) -> dict:
     """{side: (setup, step, model)}; a step returns the model's output."""
     fast = prepare_for_inference(copy.deepcopy(ours))
     if args.compile:
-        fast = _compile(fast, kind)
+        fast = adapter.compile(fast)
 
     def step_of(model, inputs):
         def step():
@@ -145,14 +88,7 @@ def inference_steps(kind, ours, theirs, batch, args) -> dict:
     return steps
 
 
-def _loss(kind, model, inputs, targets):
-    if kind == "detection":
-        return sum(model(inputs, targets).values())
-    out = model(inputs)
-    return F.cross_entropy(out["out"] if kind == "segmentation" else out, targets)
-
-
-def train_steps(kind, ours, theirs, batch, args) -> dict:
+def train_steps(adapter: TaskBenchmark, ours, theirs, batch, args) -> dict:
     """{side: (setup, step, model)}: forward, backward and an SGD step (momentum 0.9) in train mode."""
 
     def step_of(model, inputs):
@@ -162,7 +98,7 @@ def train_steps(kind, ours, theirs, batch, args) -> dict:
         def step():
             model.train()
             with autocast(args.device, args.precision):
-                loss = _loss(kind, model, inputs, batch[1])
+                loss = adapter.loss(model, inputs, batch[1])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -175,7 +111,7 @@ def train_steps(kind, ours, theirs, batch, args) -> dict:
         ours.to(memory_format=torch.channels_last)
         inputs, setup = _channels_last(inputs), ["channels-last"]
     if args.compile:
-        ours = _compile(ours, kind)
+        ours = adapter.compile(ours)
         setup.append("torch.compile")
     return {
         "ours": (", ".join(setup) or "as built", step_of(ours, inputs), ours),
@@ -212,11 +148,6 @@ def _flat(output) -> torch.Tensor:
         return output.detach().double().flatten().cpu()
     values = output.values() if isinstance(output, dict) else output
     return torch.cat([_flat(v) for v in values]) if values else torch.zeros(0, dtype=torch.float64)
-
-
-def _fpn_features(model, images):
-    with torch.inference_mode():
-        return model.backbone(model.transform(images)[0].tensors)
 
 
 def relative_difference(ours, theirs) -> float | None:
@@ -286,36 +217,30 @@ def peak_memory_mb(step, device: str) -> float:
     return tracker.peak / 2**20
 
 
-def data_throughput(args, with_masks: bool) -> dict:
-    """Images per second of one worker: read + decode (OpenCV) + train transforms of the shapes train split."""
-    from detection.data import ShapesDataModule
-
-    datamodule = ShapesDataModule(
-        root=args.data_root, num_train=args.data_images, num_val=1, image_size=args.image_size, with_masks=with_masks
-    )
-    datamodule.setup("fit")
-    dataset = datamodule.datasets["train"]
+def data_throughput(args) -> dict:
+    """Images per second of one worker: read + decode (OpenCV) + train transforms of the task's synthetic set."""
+    dataset, what = benchmark_adapter(args.model).dataset(args.model, args.data_root, args.data_images, args.image_size)
     dataset[0]  # warm the caches of the first call
     start = time.perf_counter()
-    for index in range(len(dataset)):
+    for index in range(args.data_images):
         dataset[index]
     seconds = time.perf_counter() - start
-    return {"images": len(dataset), "image_size": args.image_size, "with_masks": with_masks,
-            "seconds": seconds, "images_per_s_per_worker": len(dataset) / seconds}  # fmt: skip
+    return {"images": args.data_images, "image_size": args.image_size, "dataset": what,
+            "seconds": seconds, "images_per_s_per_worker": args.data_images / seconds}  # fmt: skip
 
 
 def run_models(args, modes) -> tuple[list[dict], dict, dict]:
-    kind, ours, theirs = build_pair(args.model, args.image_size)
-    ours, theirs = ours.to(args.device), theirs.to(args.device)
-    batch = make_batch(kind, args.batch_size, args.image_size, args.device, with_masks="mask" in args.model)
+    adapter = benchmark_adapter(args.model)
+    ours, theirs = (model.to(args.device) for model in adapter.build_pair(args.model, args.image_size))
+    batch = _to(adapter.batch(args.model, args.batch_size, args.image_size), args.device)
     weights_mb = sum(t.numel() * t.element_size() for t in theirs.state_dict().values()) / 2**20
     rows, all_steps, extra = [], {}, {}
     for mode in modes:
-        steps = (inference_steps if mode == "inference" else train_steps)(kind, ours, theirs, batch, args)
+        steps = (inference_steps if mode == "inference" else train_steps)(adapter, ours, theirs, batch, args)
         seconds, outputs = time_interleaved(steps, args)
-        if mode == "inference":  # a detector's FPN features: random weights tie its scores, so detections reorder
-            extra["output_compared"] = "FPN features" if kind == "detection" else "outputs"
-            pair = [_fpn_features(steps[s][2], batch[0]) if kind == "detection" else outputs[s] for s in SIDES]
+        if mode == "inference":
+            extra["output_compared"] = adapter.output_compared
+            pair = [adapter.compared(steps[side][2], batch[0], outputs[side]) for side in SIDES]
             extra["output_relative_difference"] = relative_difference(*pair)
         for side, (setup, _, _) in steps.items():
             median = statistics.median(seconds[side])
@@ -372,7 +297,7 @@ def markdown(report: dict) -> str:
     if "data" in report:
         d = report["data"]
         lines.append(f"- data: {d['images_per_s_per_worker']:.1f} images/s per worker (decode + train transforms, "
-                     f"shapes {d['image_size']} px{', masks' if d['with_masks'] else ''})")  # fmt: skip
+                     f"{d['dataset']}, {d['image_size']} px)")  # fmt: skip
     if "eval" in report:
         lines += ["", *eval_markdown(report["eval"])]
     return "\n".join(lines)
@@ -382,13 +307,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=TORCHVISION, default="resnet50")
+    models = benchmark_models()  # every task's models that have a torchvision counterpart
+    parser.add_argument("--model", choices=models, default="resnet50", help="ours, beside torchvision's")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224, help="square inputs (detection: min = max size)")
+    parser.add_argument("--image-size", type=int, default=224, help="square inputs (detectors: min = max size)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/fp16: autocast")
     parser.add_argument("--channels-last", action="store_true", help="ours trains channels-last")
-    parser.add_argument("--compile", action="store_true", help="torch.compile ours (detection/DeepLab: the backbone)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours (or its backbone)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side and mode")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per side and mode (median reported)")
     parser.add_argument("--modes", default="inference,train", help=f"comma-separated: {', '.join(MODES)}")
@@ -407,8 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch_size", "image_size", "repeats", "data_images", "eval_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; give a positive number")
-    if args.model.startswith("deeplab") and "train" in modes and args.batch_size < 2:
-        parser.error("--batch-size=1 cannot train DeepLab: BatchNorm after ASPP's image pooling needs 2 or more")
+    problem = benchmark_adapter(args.model).check(args.model, args.batch_size, modes)
+    if problem:
+        parser.error(problem)
     if args.exported and "inference" not in modes:
         parser.error("--exported is timed in the inference mode; add it to --modes")
     if args.exported and not Path(args.exported).is_file():
@@ -430,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_modes = [m for m in args.mode_list if m in ("inference", "train")]
     rows, extra, all_steps = run_models(args, model_modes) if model_modes else ([], {}, {})
     if "data" in args.mode_list:
-        report["data"] = data_throughput(args, with_masks="mask" in args.model)
+        report["data"] = data_throughput(args)
     if "eval" in args.mode_list:
         report["eval"] = eval_benchmark(args.eval_images)
     if rows:  # last: one more step per row, outside the timings

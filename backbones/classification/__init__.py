@@ -14,6 +14,7 @@ TASK = register_task(
         task="backbones.classification.task:ClassificationTask",
         models=("backbones.registry:list_backbones",),
         export="backbones.classification.export:ClassificationExport",
+        benchmark="backbones.classification.speed:ClassificationBenchmark",
         train_tool="tools/train_cls.py",
         prefixes=("timm/",),
     )

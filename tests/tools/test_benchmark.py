@@ -38,6 +38,7 @@ def test_classifier_all_modes(tool, tmp_path, capsys):
     assert rows["train", "torchvision"]["peak_memory_mb"] > rows["inference", "torchvision"]["peak_memory_mb"]
     assert report["output_relative_difference"] < 1e-4  # same weights, fused or not
     assert report["data"]["images"] == 3 and _positive(report["data"]["images_per_s_per_worker"])
+    assert report["data"]["dataset"] == "synthetic shapes classes, image folders"  # the model's task's data
     evaluation = report["eval"]
     assert (evaluation["ground_truth"], evaluation["detections"]) == (42, 252)
     for seconds in evaluation["seconds"].values():
