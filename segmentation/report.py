@@ -264,6 +264,9 @@ def write_segmentation_report(
         digits=4,
     )
     if load_image is not None:
+        # not strict: a palette may be shorter than the classes (the classes beyond it are drawn uncoloured)
+        colours = zip(class_names, palette, strict=False)
+        page.legend([(name, colour if colour.any() else None) for name, colour in colours])
         for rank, row in enumerate(worst, 1):
             image, truth, prediction = load_image(row["index"])
             panels = _overlay_panels(image, truth, prediction, palette, ignore_index)

@@ -33,6 +33,9 @@ th { background: #eef2f7; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 p.note { color: #555; font-size: 0.9em; }
 nav a { margin-right: 1em; }
+p.legend span.entry { display: inline-block; margin-right: 1.2em; white-space: nowrap; }
+p.legend span.swatch { display: inline-block; width: 1em; height: 1em; border: 1px solid #888; margin-right: 0.3em;
+  vertical-align: -0.15em; }
 """
 
 
@@ -68,6 +71,16 @@ class HTMLReport:
         head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
         body = "".join("<tr>" + "".join(f"<td>{_cell(cell, digits)}</td>" for cell in row) + "</tr>" for row in rows)
         self._parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def legend(self, entries: Sequence[tuple[str, Sequence[int] | None]]) -> None:
+        """A line of colour swatches with their names; a colour is RGB in 0..255, None for "not coloured"."""
+        items = []
+        for name, colour in entries:
+            fill = "transparent" if colour is None else "#" + "".join(f"{int(c):02x}" for c in colour[:3])
+            items.append(
+                f'<span class="entry"><span class="swatch" style="background: {fill}"></span>{html.escape(name)}</span>'
+            )
+        self._parts.append(f'<p class="legend">{"".join(items)}</p>')
 
     def image(self, filename: str, alt: str) -> None:
         """An image file of the report's folder, by its name relative to the page."""

@@ -12,7 +12,9 @@ def test_page_escapes_text_and_shows_only_its_own_files(tmp_path):
     page.table(["name", "value"], [["<script>", 0.12345], ["missing", float("nan")], ["none", None]])
     save_figure(bar_chart(["x", "y"], {"AP": [0.5, float("nan")]}, title="t"), tmp_path / "bars.png")
     page.image("bars.png", "bars")
+    page.legend([("<cat>", (255, 0, 16)), ("none", None)])
     text = page.render()
+    assert '#ff0010"></span>&lt;cat&gt;' in text and 'transparent"></span>none' in text
     assert "<script>" not in text and "&lt;script&gt;" in text and "a &lt;b&gt; &amp; c" in text
     assert "<td>0.123</td>" in text and text.count("&ndash;") == 2
     assert page.write(tmp_path / "report.html").read_text() == text

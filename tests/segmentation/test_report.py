@@ -136,6 +136,9 @@ def test_validation_logs_per_class_scalars_and_figures_and_writes_the_report(tmp
     assert metrics["bootstrap"]["draws"] == 20
     _, images = _check_page(folder)
     assert {"confusion_matrix.png", "per_class.png"} <= set(images) and "worst_1.png" in images
+    page = (folder / "report.html").read_text()  # the overlays' colours named: VOC's map, background uncoloured
+    assert 'style="background: #800000"></span>circle' in page and 'style="background: #008000"></span>square' in page
+    assert 'style="background: transparent"></span>__background__' in page
 
 
 def test_report_settings_stay_out_of_the_checkpoint_hyperparameters():
