@@ -48,6 +48,7 @@ __all__ = [
     "STAT_NAMES",
     "COCOEvaluator",
     "binarize_masks",
+    "category_names",
     "check_iou_types",
     "encode_masks",
     "evaluate_results",
@@ -55,6 +56,7 @@ __all__ = [
     "load_ground_truth",
     "read_json",
     "resolve_backend",
+    "run_cocoeval",
     "to_coco_results",
     "validate_results",
 ]
@@ -151,8 +153,8 @@ def evaluate_results(
     if not results:
         warnings.warn(f"no detections to evaluate: every {iou_type} metric is 0.0", stacklevel=2)
         categories = coco_gt.loadCats(sorted(coco_gt.getCatIds()))
-        return {f"{iou_type}_{name}": 0.0 for name in STAT_NAMES}, dict.fromkeys(_category_names(categories), 0.0)
-    coco_eval, summary = _run_cocoeval(coco_gt, results, iou_type, backend, image_ids)
+        return {f"{iou_type}_{name}": 0.0 for name in STAT_NAMES}, dict.fromkeys(category_names(categories), 0.0)
+    coco_eval, summary = run_cocoeval(coco_gt, results, iou_type, backend, image_ids)
     stats = {f"{iou_type}_{name}": _nan_if_missing(s) for name, s in zip(STAT_NAMES, coco_eval.stats[:12], strict=True)}
     per_category = _per_category_ap(coco_eval, coco_gt)
     if verbose:
@@ -162,7 +164,7 @@ def evaluate_results(
     return stats, per_category
 
 
-def _run_cocoeval(
+def run_cocoeval(
     coco_gt: Any, results: list[dict], iou_type: str, backend: str, image_ids: Sequence[int] | None = None
 ) -> tuple[Any, str]:
     """Run evaluate, accumulate and summarize (on ``image_ids`` only if given); return COCOeval and the summary."""
@@ -194,7 +196,7 @@ def _run_cocoeval(
 def _per_category_ap(coco_eval: Any, coco_gt: Any) -> dict[str, float]:
     precision = coco_eval.eval["precision"]  # (iou thresholds, recall thresholds, categories, areas, max dets)
     category_ids = [int(c) for c in coco_eval.params.catIds]
-    names = _category_names(coco_gt.loadCats(category_ids))
+    names = category_names(coco_gt.loadCats(category_ids))
     aps = {}
     for index, name in enumerate(names):
         valid = precision[:, :, index, 0, -1]  # area "all", 100 detections
@@ -203,7 +205,7 @@ def _per_category_ap(coco_eval: Any, coco_gt: Any) -> dict[str, float]:
     return aps
 
 
-def _category_names(categories: list[dict]) -> list[str]:
+def category_names(categories: list[dict]) -> list[str]:
     """Category names, with the id appended where two categories share a name."""
     names = [c.get("name", str(c["id"])) for c in categories]
     return [f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories, strict=True)]

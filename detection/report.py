@@ -29,10 +29,16 @@ from .analysis import (
     threshold_index,
 )
 from .error_analysis import coco_analyzer, tide_errors
-from .evaluation import STAT_NAMES, _category_names, _run_cocoeval, check_iou_types, load_ground_truth
+from .evaluation import STAT_NAMES, category_names, check_iou_types, load_ground_truth, run_cocoeval
 from .report_page import CURVES, confusion_matrix_figure, pr_overall_figure, write_section
 
-__all__ = ["analyze_detections", "check_report_options", "evaluation_figures", "write_detection_report"]
+__all__ = [
+    "analyze_detections",
+    "check_report_options",
+    "evaluation_figures",
+    "metrics_figures",
+    "write_detection_report",
+]
 
 AREAS = {"AP": 0, "APs": 1, "APm": 2, "APl": 3}  # COCOeval's area ranges: all, small, medium, large
 
@@ -42,7 +48,7 @@ def analyze_detections(
 ) -> dict:
     """Every number of the report for one evaluated pycocotools COCOeval (after evaluate and accumulate)."""
     params, stats = coco_eval.params, coco_eval.stats
-    names = _category_names(coco_eval.cocoGt.loadCats(params.catIds))
+    names = category_names(coco_eval.cocoGt.loadCats(params.catIds))
     precision = coco_eval.eval["precision"][:, :, :, :, -1]  # (T, R, K, A), the most detections
     has_gt = precision[0, 0, :, 0] > -1
     per_category = {}
@@ -95,14 +101,20 @@ def evaluation_figures(
         ``{"pr_curve": Figure, "confusion_matrix": Figure}`` (matplotlib figures without pyplot).
     """
     coco_gt = load_ground_truth(coco_gt, "pycocotools")
-    coco_eval, _ = _run_cocoeval(coco_gt, results, iou_type, "pycocotools", image_ids)
-    names = _category_names(coco_gt.loadCats(coco_eval.params.catIds))
+    coco_eval, _ = run_cocoeval(coco_gt, results, iou_type, "pycocotools", image_ids)
+    names = category_names(coco_gt.loadCats(coco_eval.params.catIds))
     has_gt = coco_eval.eval["precision"][0, 0, :, 0, -1] > -1
     curves = _pr_curves(coco_eval, names, has_gt, category_matches(coco_eval), score_threshold)
     confusion = _confusion(coco_eval, names, image_matches(coco_eval), confusion_iou, score_threshold)
+    return metrics_figures(iou_type, {"pr_curves": curves, "confusion": confusion})
+
+
+def metrics_figures(iou_type: str, metrics: dict) -> dict[str, Any]:
+    """The figures of :func:`evaluation_figures` from one IoU type's numbers (:func:`analyze_detections`' or a
+    report's ``metrics[iou_type]``), without evaluating again."""
     return {
-        "pr_curve": pr_overall_figure(iou_type, curves),
-        "confusion_matrix": confusion_matrix_figure(iou_type, confusion, normalized=True),
+        "pr_curve": pr_overall_figure(iou_type, metrics["pr_curves"]),
+        "confusion_matrix": confusion_matrix_figure(iou_type, metrics["confusion"], normalized=True),
     }
 
 
@@ -202,7 +214,7 @@ def write_detection_report(
     page = HTMLReport("Detection report")
     page.paragraph(", ".join(f"{key}: {value}" for key, value in {**metrics["sources"], **settings}.items()), note=True)
     for iou_type in iou_types:
-        coco_eval, _ = _run_cocoeval(coco_gt, results, iou_type, "pycocotools", image_ids)
+        coco_eval, _ = run_cocoeval(coco_gt, results, iou_type, "pycocotools", image_ids)
         metrics[iou_type] = analyze_detections(
             coco_eval, score_threshold=score_threshold, confusion_iou=confusion_iou, num_worst=num_worst
         )

@@ -23,7 +23,7 @@ from backbones.report import (
 
 from .analysis import cached_image_matches, threshold_index
 from .error_analysis import ANALYZER_TYPES, TIDE_ERRORS, TIDE_SPECIAL_ERRORS
-from .evaluation import _category_names
+from .evaluation import category_names
 
 __all__ = ["CURVES", "confusion_matrix_figure", "pr_overall_figure", "write_section"]
 
@@ -182,7 +182,7 @@ def _worst_images(page: HTMLReport, out: Path, iou_type: str, metrics: dict, coc
         page.paragraph("Not drawn: no images folder was given (--images DIR, or the data module's images).", note=True)
         return
     names = dict(
-        zip(coco_eval.params.catIds, _category_names(coco_eval.cocoGt.loadCats(coco_eval.params.catIds)), strict=True)
+        zip(coco_eval.params.catIds, category_names(coco_eval.cocoGt.loadCats(coco_eval.params.catIds)), strict=True)
     )
     by_id = {image.image_id: image for image in cached_image_matches(coco_eval)}
     t50 = threshold_index(coco_eval, 0.5)

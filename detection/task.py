@@ -202,16 +202,18 @@ class DetectionTask(TrainingTask):
             self.log_dict(scalars, sync_dist=False)  # the same on every rank
         if self.global_rank != 0 or self.trainer.sanity_checking:
             return
-        self._log_figures(stage, evaluator)
-        if self.report_dir is None:
-            return
+        report = self._write_report(stage, evaluator) if self.report_dir is not None else None
+        self._log_figures(stage, evaluator, report)
+
+    def _write_report(self, stage: str, evaluator: COCOEvaluator) -> dict | None:
+        """Writes the report of this evaluation to `report_dir`; returns its metrics (None: no detections)."""
         if not evaluator.last_results:
             rank_zero_warn(f"no detections in the {stage} evaluation: no report written to {self.report_dir}")
-            return
+            return None
         from .report import write_detection_report  # matplotlib only when a report is asked for
 
         split_paths = getattr(getattr(self.trainer, "datamodule", None), "split_paths", {})
-        write_detection_report(
+        return write_detection_report(
             evaluator.coco_gt,
             evaluator.last_results,
             self.report_dir,
@@ -221,18 +223,21 @@ class DetectionTask(TrainingTask):
             sources={"stage": stage, "epoch": self.current_epoch, "annotations": self.evaluator_key(stage)},
         )
 
-    def _log_figures(self, stage: str, evaluator: COCOEvaluator) -> None:
+    def _log_figures(self, stage: str, evaluator: COCOEvaluator, report: dict | None) -> None:
         if not evaluator.last_results:
             return
 
         def figures() -> dict[str, Any]:  # drawn only for a logger that takes figures
-            from .report import evaluation_figures
+            from .report import evaluation_figures, metrics_figures
 
             drawn = {}
             for iou_type in evaluator.iou_types:
-                made = evaluation_figures(
-                    evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
-                )
+                if report is not None:  # the report's numbers: no second pycocotools evaluation
+                    made = metrics_figures(iou_type, report[iou_type])
+                else:
+                    made = evaluation_figures(
+                        evaluator.coco_gt, evaluator.last_results, iou_type, image_ids=evaluator.last_image_ids
+                    )
                 drawn.update({f"{stage}_{iou_type}_{name}": figure for name, figure in made.items()})
             return drawn
 

@@ -24,7 +24,7 @@ from detection.bootstrap import match_once, paired_bootstrap
 from detection.evaluation import (
     IOU_TYPES,
     STAT_NAMES,
-    _category_names,
+    category_names,
     load_ground_truth,
     read_json,
     validate_results,
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if not results:
             raise ValueError(f"{path}: no detections to compare")
         runs.append(results)
-    categories = _category_names(coco_gt.loadCats(sorted(coco_gt.getCatIds())))
+    categories = category_names(coco_gt.loadCats(sorted(coco_gt.getCatIds())))
     report = {"annotations": args.annotations, "a": args.results[0], "b": args.results[1],
               "draws": args.bootstrap, "seed": args.seed, "confidence": 0.95}  # fmt: skip
     for iou_type in iou_types:

@@ -101,6 +101,22 @@ def test_per_category_ap_is_logged_and_figures_go_to_loggers_that_take_them(tmp_
     assert all(kwargs == {"global_step": 7} and hasattr(args[1], "savefig") for args, kwargs in figures)
 
 
+def test_figures_come_from_the_report_without_evaluating_again(tmp_path, monkeypatch):
+    import detection.report
+
+    evaluations = []
+    run = detection.report.run_cocoeval
+    monkeypatch.setattr(detection.report, "run_cocoeval", lambda *a, **k: evaluations.append(a[2]) or run(*a, **k))
+    monkeypatch.setattr(detection.report, "write_section", lambda *a, **k: None)  # the page's drawings: not here
+    figures = []
+    takes_figures = SimpleNamespace(experiment=SimpleNamespace(add_figure=lambda *a, **k: figures.append(a[0])))
+    task, metrics = _task_after_evaluation(tmp_path, tmp_path / "report", loggers=[takes_figures])
+    task.report_evaluation("val", metrics)
+    assert evaluations == ["bbox"]  # one pycocotools evaluation serves the report and the logger's figures
+    assert sorted(figures) == ["val_bbox_confusion_matrix", "val_bbox_pr_curve"]
+    assert (tmp_path / "report" / "metrics.json").is_file()
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch: tens of seconds on a busy machine
 def test_report_code_imports_neither_lightning_nor_pyplot():
     import subprocess
